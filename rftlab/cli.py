@@ -1,0 +1,262 @@
+"""The ``rftlab`` command: list, run and plot experiments.
+
+Only light modules are imported at start-up; torch, pandas and matplotlib load inside commands.
+User mistakes raise :class:`RftlabError` and end as one ``error: ...`` line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from rftlab.errors import RftlabError
+
+app = typer.Typer(
+    help="rftlab: reproduce and diagnose vanishing gradients in RL finetuning (Razin et al. 2024) "
+    "and gradient entanglement in margin-based preference losses (Yuan et al. 2024).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _user_errors(command: Callable) -> Callable:
+    """Turn RftlabError into one stderr line and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except RftlabError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@app.command("list")
+@_user_errors
+def list_experiments(
+    name: str = typer.Argument(None, help="Show one experiment's details: config keys, presets, metrics."),
+) -> None:
+    """List the experiments, or describe one."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rftlab import registry
+
+    console = Console()
+    if name is None:
+        table = Table(title="rftlab experiments")
+        for col in ("name", "paper", "reproduces", "presets", "CPU default"):
+            table.add_column(col)
+        for spec in registry.discover().values():
+            table.add_row(
+                spec.name, spec.paper, spec.figure, ", ".join(registry.presets(spec.name)), spec.cpu_runtime
+            )
+        console.print(table)
+        console.print("Details: rftlab list <name>.  Run: rftlab run <name> [--preset P] [key=value ...]")
+        return
+    _describe(console, registry.get(name))
+
+
+def _describe(console: Any, spec: Any) -> None:
+    import dataclasses
+    import inspect
+
+    from rich.table import Table
+
+    from rftlab import config, registry
+
+    console.print(f"[bold]{spec.name}[/bold] — {spec.paper}, {spec.figure} (version {spec.version})")
+    console.print(inspect.getdoc(spec.module) or "")
+    console.print(f"\nPresets: {', '.join(registry.presets(spec.name)) or '(none)'}; "
+                  f"default preset on CPU: {spec.cpu_runtime}")
+    table = Table(title="config (rftlab run ... key=value)")
+    for col in ("key", "type", "default", "meaning"):
+        table.add_column(col)
+
+    def add(cls: type, prefix: str) -> None:
+        comments = config.field_comments(cls)
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            tp = config.field_types(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                add(tp, f"{prefix}{f.name}.")
+            else:
+                table.add_row(f"{prefix}{f.name}", config.type_name(tp),
+                              repr(getattr(defaults, f.name)), comments.get(f.name, ""))
+
+    add(spec.config_cls, "")
+    console.print(table)
+    if spec.metrics:
+        glossary = Table(title="metrics and tables")
+        glossary.add_column("column")
+        glossary.add_column("meaning")
+        for col, meaning in spec.metrics.items():
+            glossary.add_row(col, meaning)
+        console.print(glossary)
+
+
+@contextlib.contextmanager
+def _progress_bars() -> Iterator[Callable]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=_stderr_console()) as progress:
+
+        class Tracker:
+            def __init__(self, total: int, description: str) -> None:
+                self.task = progress.add_task(description, total=total)
+
+            def advance(self, n: int = 1) -> None:
+                progress.advance(self.task, n)
+
+            def __enter__(self) -> Tracker:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                progress.refresh()
+
+        yield Tracker
+
+
+@app.command()
+@_user_errors
+def run(
+    name: str = typer.Argument(..., help="Experiment name (see `rftlab list`)."),
+    overrides: list[str] = typer.Argument(None, help="Config overrides as key=value words."),
+    preset: str = typer.Option("default", "--preset", "-p", help="Preset: smoke, default, paper, ..."),
+    set_: list[str] = typer.Option(None, "--set", "-s", help="Override one config key: key=value."),
+    config_file: Path = typer.Option(None, "--config", "-c", help="A TOML file of config values."),
+    out: Path = typer.Option(Path("results"), "--out", "-o", help="Results root folder."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    seed: int = typer.Option(None, "--seed", help="Seed (overrides the config's seed)."),
+    resume: Path = typer.Option(None, "--resume", help="Continue an unfinished run folder."),
+    fmt: str = typer.Option("png", "--format", help="Figure format: png or pdf."),
+) -> None:
+    """Run an experiment: write a run folder, render its figures, print the folder's path."""
+    from rftlab import config, registry, results, runtime
+
+    spec = registry.get(name)
+    _check_format(fmt)
+    words = list(set_ or []) + list(overrides or [])
+    if seed is not None:
+        words.append(f"seed={seed}")
+    argv = ["rftlab", *sys.argv[1:]]
+    if resume is not None:
+        meta = results.read_json(resume / results.CONFIG_FILE)
+        if meta.get("experiment") != spec.name:
+            raise RftlabError(f"{resume} is a run of {meta.get('experiment')!r}, not {spec.name!r}.")
+        if meta.get("version") != spec.version:
+            raise RftlabError(f"{resume} was made by version {meta.get('version')} of {spec.name}; "
+                              f"this rftlab has version {spec.version}. Start a new run.")
+        cfg = config.resolve(spec.config_cls, [(str(resume / results.CONFIG_FILE), meta["config"])], words)
+        dev = runtime.resolve_device(device)
+        handle = results.reopen_run(resume, argv)
+    else:
+        layers = []
+        if preset:
+            preset_path = registry.presets_dir() / spec.name / f"{preset}.toml"
+            if not preset_path.exists():
+                known = ", ".join(registry.presets(spec.name)) or "none"
+                raise RftlabError(f"experiment {spec.name!r} has no preset {preset!r} (presets: {known}).")
+            layers.append((str(preset_path), config.read_toml(preset_path)))
+        if config_file is not None:
+            layers.append((str(config_file), config.read_toml(config_file)))
+        cfg = config.resolve(spec.config_cls, layers, words)
+        dev = runtime.resolve_device(device)
+        handle = results.create_run(experiment=spec.name, version=spec.version, preset=preset, cfg=cfg,
+                                    out_root=out, device=dev, argv=argv)
+    handle.device = dev
+    handle.info(f"{spec.name}: run folder {handle.path}")
+    try:
+        with _progress_bars() as factory:
+            handle.progress_factory = factory
+            spec.run(cfg, handle)
+    except KeyboardInterrupt:
+        handle.finish("failed")
+        typer.echo(f"interrupted; resume with: rftlab run {spec.name} --resume {handle.path}", err=True)
+        raise typer.Exit(130) from None
+    except BaseException:
+        handle.finish("failed")
+        raise
+    handle.finish("complete")
+    figures = spec.plot([handle.path], handle.path / "figures", fmt)
+    for fig in figures:
+        handle.info(f"figure: {fig}")
+    typer.echo(str(handle.path))
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in ("png", "pdf"):
+        raise RftlabError(f"unknown figure format {fmt!r}: use png or pdf.")
+
+
+@app.command()
+@_user_errors
+def plot(
+    folder: Path = typer.Argument(..., help="A run folder, or an experiment folder to aggregate seeds."),
+    fmt: str = typer.Option("png", "--format", help="Figure format: png or pdf."),
+) -> None:
+    """Render figures from a run folder (or all complete runs of one experiment) without training."""
+    from rftlab import registry, results
+
+    _check_format(fmt)
+    runs = results.find_runs(folder)
+    selected = select_runs(runs)
+    metas = [results.read_json(r / results.CONFIG_FILE) for r in selected]
+    spec = registry.get(metas[0]["experiment"])
+    versions = {m["version"] for m in metas} | {spec.version}
+    if len(versions) > 1:
+        raise RftlabError(
+            f"runs in {folder} come from different versions of {spec.name} ({sorted(versions)}); "
+            "plot one version at a time."
+        )
+    out_dir = (folder if len(runs) > 1 or folder not in runs else selected[0]) / "figures"
+    for fig in spec.plot(selected, out_dir, fmt):
+        typer.echo(str(fig))
+
+
+def select_runs(runs: list[Path]) -> list[Path]:
+    """From candidate run folders, the complete ones sharing the newest one's config (seed aside).
+
+    A single run folder is returned as is, whatever its status, so a killed run can be inspected.
+    """
+    from rftlab import results
+
+    if len(runs) == 1:
+        return runs
+    complete = list(results.iter_complete(runs))
+    if not complete:
+        raise RftlabError("no complete runs to plot; pass a single run folder to plot a partial run.")
+
+    def key(meta: dict) -> tuple:
+        cfg = {k: v for k, v in meta["config"].items() if k != "seed"}
+        return meta["experiment"], repr(sorted(cfg.items()))
+
+    newest = key(complete[-1][1])
+    chosen = [run for run, meta in complete if key(meta) == newest]
+    skipped = len(runs) - len(chosen)
+    if skipped:
+        typer.echo(f"aggregating {len(chosen)} run(s) with the newest run's config; "
+                   f"{skipped} other run(s) skipped", err=True)
+    return chosen
+
+
+if __name__ == "__main__":
+    app()

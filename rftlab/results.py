@@ -26,7 +26,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ CHECKPOINT_FILE = "checkpoints/last.pt"
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -203,7 +203,7 @@ def create_run(
     """Make ``<out_root>/<experiment>/<run-id>/`` and write its provenance as ``config.json``."""
     from rftlab.config import config_hash, to_dict
 
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     base = out_root / experiment / f"{stamp}-{preset}-{config_hash(cfg)}"
     path, n = base, 1
     while path.exists():  # two runs in the same second with the same config
@@ -265,7 +265,7 @@ def read_table(run_dir: Path, name: str) -> Any:
     try:
         return pd.read_parquet(path)
     except Exception:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-        raise RftlabError(f"{path} is corrupt (not a readable parquet file); re-run the experiment.") from None
+        raise RftlabError(f"{path} is corrupt (unreadable parquet); re-run the experiment.") from None
 
 
 def find_runs(folder: Path) -> list[Path]:

@@ -1,0 +1,1 @@
+"""Data sets and tasks. Everything the default presets use is shipped or generated offline."""

@@ -34,7 +34,8 @@ def _user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except RftlabError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            message = " ".join(str(exc).split("\n"))  # the contract is one line, whatever the cause says
+            typer.echo(f"error: {message}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -76,12 +77,16 @@ def _describe(console: Any, spec: Any) -> None:
     import dataclasses
     import inspect
 
+    from rich.markup import escape
     from rich.table import Table
 
     from rftlab import config, registry
 
-    console.print(f"[bold]{spec.name}[/bold] — {spec.paper}, {spec.figure} (version {spec.version})")
-    console.print(inspect.getdoc(spec.module) or "")
+    # Types, defaults and comments hold brackets ("tuple[int, ...]", "[-1, 1]") that rich would
+    # otherwise take for markup tags and drop.
+    console.print(f"[bold]{escape(spec.name)}[/bold] — {escape(spec.paper)}, {escape(spec.figure)} "
+                  f"(version {spec.version})")
+    console.print(escape(inspect.getdoc(spec.module) or ""))
     console.print(f"\nPresets: {', '.join(registry.presets(spec.name)) or '(none)'}; "
                   f"default preset on CPU: {spec.cpu_runtime}")
     table = Table(title="config (rftlab run ... key=value)")
@@ -96,8 +101,8 @@ def _describe(console: Any, spec: Any) -> None:
             if dataclasses.is_dataclass(tp):
                 add(tp, f"{prefix}{f.name}.")
             else:
-                table.add_row(f"{prefix}{f.name}", config.type_name(tp),
-                              repr(getattr(defaults, f.name)), comments.get(f.name, ""))
+                table.add_row(escape(f"{prefix}{f.name}"), escape(config.type_name(tp)),
+                              escape(repr(getattr(defaults, f.name))), escape(comments.get(f.name, "")))
 
     add(spec.config_cls, "")
     console.print(table)
@@ -106,7 +111,7 @@ def _describe(console: Any, spec: Any) -> None:
         glossary.add_column("column")
         glossary.add_column("meaning")
         for col, meaning in spec.metrics.items():
-            glossary.add_row(col, meaning)
+            glossary.add_row(escape(col), escape(meaning))
         console.print(glossary)
 
 
@@ -171,7 +176,11 @@ def run(
         if meta.get("version") != spec.version:
             raise RftlabError(f"{resume} was made by version {meta.get('version')} of {spec.name}; "
                               f"this rftlab has version {spec.version}. Start a new run.")
-        cfg = config.resolve(spec.config_cls, [(str(resume / results.CONFIG_FILE), meta["config"])], words)
+        saved = [(str(resume / results.CONFIG_FILE), meta["config"])]
+        cfg = config.resolve(spec.config_cls, saved, words)
+        if cfg != config.resolve(spec.config_cls, saved):  # a resumed run must match what it logged
+            raise RftlabError(f"--resume continues {resume} with its saved config; drop the overrides "
+                              f"({' '.join(words)}) or start a new run.")
         dev = runtime.resolve_device(device)
         handle = results.reopen_run(resume, argv)
     else:

@@ -47,11 +47,15 @@ def type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+def _coerce_error(value: Any, tp: Any, key: str) -> RftlabError:
+    return RftlabError(f"bad value {value!r} for {key}: expected {type_name(tp)}.")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a TOML-parsed value to annotation ``tp`` or raise an error that names ``key``."""
 
     def bad() -> RftlabError:
-        return RftlabError(f"bad value {value!r} for {key}: expected {type_name(tp)}.")
+        return _coerce_error(value, tp, key)
 
     origin, args = get_origin(tp), get_args(tp)
     if origin is Literal:
@@ -68,10 +72,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise bad()
     if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            value = [value]  # `--set seeds=3` means seeds=(3,)
+        items = value if isinstance(value, (list, tuple)) else [value]  # `--set seeds=3` means (3,)
         item_tp = args[0] if args else Any
-        return tuple(_coerce(v, item_tp, key) for v in value)
+        try:
+            return tuple(_coerce(v, item_tp, key) for v in items)
+        except RftlabError:
+            raise bad() from None  # name the whole value and the field's type, not one item's
     if tp is Any:
         return value
     if tp is bool:
@@ -146,6 +152,14 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise RftlabError(f"config file {path} is not valid TOML: {exc}.") from None
 
 
+def _coerce_default(value: Any, tp: Any, key: str) -> Any:
+    """A dataclass default, coerced where rftlab knows the type (others are kept as written)."""
+    try:
+        return _coerce(value, tp, key)
+    except RftlabError:
+        return value
+
+
 def resolve(
     cls: type,
     layers: list[tuple[str, dict[str, Any]]],
@@ -153,7 +167,10 @@ def resolve(
 ) -> Any:
     """Build a ``cls`` instance from defaults, TOML layers ``(source, table)`` and ``key=value`` words."""
     known = dotted_fields(cls)
-    values: dict[str, Any] = {k: v for k, v in _flatten(to_dict(cls())).items()}
+    # Defaults go through the same coercion as everything else: to_dict turned tuples into lists.
+    values: dict[str, Any] = {
+        k: _coerce_default(v, known[k], k) for k, v in _flatten(to_dict(cls())).items() if k in known
+    }
     for source, table in layers:
         for key, raw in _flatten(table).items():
             if key not in known:
@@ -166,7 +183,16 @@ def resolve(
             raise RftlabError(f"override {item!r} is not of the form key=value (e.g. lr=1e-3).")
         if key not in known:
             raise _unknown_key(key, known, "--set")
-        values[key] = _coerce(parse_value(text.strip()), known[key], key)
+        parsed = parse_value(text.strip())
+        try:
+            values[key] = _coerce(parsed, known[key], key)
+        except RftlabError:
+            if isinstance(parsed, str):
+                raise
+            try:  # `name=2024` for a str field (or a Literal of strings): the word itself is the value
+                values[key] = _coerce(text.strip(), known[key], key)
+            except RftlabError:
+                raise _coerce_error(parsed, known[key], key) from None
     return _build(cls, values)
 
 
@@ -184,8 +210,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def config_hash(cfg: Any) -> str:
-    """Short content hash of a config, used in run ids and cache keys."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    """Short content hash of a config (or a tuple of configs and values), for run ids and cache keys."""
+    parts = cfg if isinstance(cfg, tuple) else (cfg,)
+    plain = [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts]
+    blob = json.dumps(plain if isinstance(cfg, tuple) else plain[0], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:8]
 
 

@@ -98,6 +98,11 @@ class Run:
     progress_factory: Any = None  # callable(total, description) -> tracker with .advance(n); set by the CLI
     _rows_logged: int = field(default=0, init=False)
 
+    @property
+    def cache_dir(self) -> Path:
+        """``<results root>/_cache``: stages shared between runs, keyed by a content hash."""
+        return self.path.parent.parent / "_cache"
+
     # --- metrics -------------------------------------------------------------------------------
     def log(self, row: dict[str, Any] | None = None, **columns: Any) -> None:
         """Append one metrics row (a dict and/or keyword columns); flushed before returning."""
@@ -112,8 +117,11 @@ class Run:
         """Write a per-input / per-pair table as ``<name>.parquet`` (atomically)."""
         target = self.path / f"{name}.parquet"
         tmp = target.with_name(f".{target.name}.tmp")
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, target)
+        try:
+            frame.to_parquet(tmp, index=False)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)  # left only when writing failed
         return target
 
     # --- checkpoints ---------------------------------------------------------------------------
@@ -133,23 +141,32 @@ class Run:
         Metric rows logged after that checkpoint are dropped from the journal, since the experiment
         will log them again when it replays those steps.
         """
+        saved = self._read_checkpoint()
+        if saved is None:
+            self._truncate_journal(0)
+            return None
+        self._truncate_journal(saved["metrics_rows"])
+        return saved["state"]
+
+    def _read_checkpoint(self, mmap: bool = False) -> dict[str, Any] | None:
         import torch
 
         target = self.path / CHECKPOINT_FILE
-        keep = 0
-        state = None
-        if target.exists():
-            try:
-                saved = torch.load(target, weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the same user problem
-                raise RftlabError(f"checkpoint {target} is unreadable ({exc}); start a new run.") from None
-            state, keep = saved["state"], saved["metrics_rows"]
+        if not target.exists():
+            return None
+        try:
+            return torch.load(target, weights_only=True, mmap=mmap)
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the same user problem
+            # torch's own message runs over many lines and blames weights_only; the type says enough
+            raise RftlabError(f"checkpoint {target} is unreadable ({type(exc).__name__}); start a new run.") from None
+
+    def _truncate_journal(self, keep: int) -> None:
+        """Keep the first ``keep`` complete journal lines (a torn last line is dropped too)."""
         journal = self.path / JOURNAL_FILE
         if journal.exists():
             lines = [ln for ln in journal.read_text().splitlines(keepends=True) if ln.endswith("\n")]
             atomic_write_text(journal, "".join(lines[:keep]))
         self._rows_logged = keep
-        return state
 
     # --- console -------------------------------------------------------------------------------
     def info(self, message: str) -> None:
@@ -235,10 +252,16 @@ def reopen_run(path: Path, argv: list[str]) -> Run:
     meta = read_json(path / CONFIG_FILE)
     if meta.get("status") == "complete":
         raise RftlabError(f"run {path} is already complete; nothing to resume.")
+    run = Run(path, meta)
+    # The journal keeps only the rows the last checkpoint covers, whether or not the experiment calls
+    # load_checkpoint: it replays everything after that checkpoint (or everything, without one), and a
+    # torn last line must not be glued to the next appended row.
+    saved = run._read_checkpoint(mmap=True)
+    run._truncate_journal(saved["metrics_rows"] if saved else 0)
     meta.update(status="running", finished=None)
     meta.setdefault("resumed", []).append({"at": utc_now(), "argv": argv})
     atomic_write_text(path / CONFIG_FILE, json.dumps(meta, indent=2))
-    return Run(path, meta)
+    return run
 
 
 def read_metrics(run_dir: Path) -> Any:

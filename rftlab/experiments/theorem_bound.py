@@ -59,9 +59,17 @@ def run(cfg: Config, run) -> None:
 
     runtime.set_threads(cfg.threads)
     steps = sorted(set(cfg.snapshot_steps))
-    rows = []
+    # Resume: a checkpoint is saved after each output length, with the tables of the lengths done.
+    # Each length reseeds from cfg.seed, so skipping the finished ones gives the same results.
+    state = run.load_checkpoint() or {"lengths_done": 0, "tables": []}
+    tables = [_table_from_state(t) for t in state["tables"]]  # one DataFrame per finished length
+    if state["lengths_done"]:
+        run.info(f"resuming after output lengths {list(cfg.output_lens[:state['lengths_done']])}")
     with run.progress(len(cfg.output_lens) * len(steps), "theorem-bound") as bar:
-        for length in cfg.output_lens:
+        bar.advance(state["lengths_done"] * len(steps))
+        for index, length in enumerate(cfg.output_lens):
+            if index < state["lengths_done"]:
+                continue
             runtime.seed_everything(cfg.seed * 1000 + length)
             outputs = enumerable.all_outputs(cfg.vocab_size, length)
             x = torch.arange(cfg.n_inputs)
@@ -72,7 +80,7 @@ def run(cfg: Config, run) -> None:
                                               rewards.argmax(1)))
             policy = enumerable.PrefixMLPPolicy(cfg.n_inputs, cfg.vocab_size, length, cfg.hidden)
             optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-            done = 0
+            done, rows = 0, []
             for step in steps:
                 for _ in range(step - done):  # cross-entropy towards the planted outputs
                     logp = enumerable.sequence_logprobs(policy, x, outputs, 1.0)
@@ -98,13 +106,31 @@ def run(cfg: Config, run) -> None:
                         "single_token_bound": (gam * std).numpy(),
                     }))
                 bar.advance()
-            table = pd.concat([r for r in rows if (r.output_len == length).all()])
+            table = pd.concat(rows, ignore_index=True)
+            tables.append(table)
             run.log(output_len=length, n_points=len(table), max_bound_ratio=table.bound_ratio.max(),
                     max_single_token_ratio=(table.grad_norm / table.single_token_bound).max(),
                     frac_small_std=(table.reward_std < 0.01).mean())
-    inputs = pd.concat(rows, ignore_index=True)
+            run.save_checkpoint({"lengths_done": index + 1, "tables": [_table_to_state(t) for t in tables]})
+    inputs = pd.concat(tables, ignore_index=True)
     run.write_table("inputs", inputs)
     run.info(f"max ‖∇V‖/bound over {len(inputs)} points: {inputs.bound_ratio.max():.3g} (theorem: ≤ 1)")
+
+
+def _table_to_state(table) -> dict:
+    """A DataFrame as checkpointable columns: numeric ones as tensors (dtype kept), text as lists."""
+    import pandas as pd
+    import torch
+
+    return {col: torch.tensor(table[col].to_numpy()) if pd.api.types.is_numeric_dtype(table[col])
+            else table[col].tolist() for col in table.columns}
+
+
+def _table_from_state(columns: dict):
+    import pandas as pd
+    import torch
+
+    return pd.DataFrame({col: v.numpy() if isinstance(v, torch.Tensor) else v for col, v in columns.items()})
 
 
 def plot(runs: list[Path], out_dir: Path, fmt: str = "png") -> list[Path]:

@@ -1,0 +1,1 @@
+"""Reinforcement and supervised finetuning blocks for language models: sampling, log-probs, estimators."""

@@ -1,0 +1,183 @@
+"""One optimizer step of each finetuning method, and the per-input measurements around them.
+
+Experiments write their own loops over these steps (no trainer class): ``lm_pretrain`` (the stand-in for
+GPT-2/T5 pretraining), ``sft_step``, ``reinforce_step``, ``ppo_step``, then ``per_input_rewards`` and
+``expected_gradient_norms`` to measure where each input stands.
+
+``score`` arguments are callables ``score(prompt_index: list[int], completions: list[str]) -> list[float]``
+that reward completion i for prompt ``prompt_index[i]`` of the current batch.
+
+Models stay in eval mode throughout: dropout off, so PPO's first ratio π_θ/π_old is exactly 1 and log-probs
+of sampling and of training agree (gradients flow regardless of the mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from rftlab.models import is_seq2seq
+from rftlab.rl import losses
+from rftlab.rl.sampling import encode_pairs, response_forward, response_logprobs, sample, sequence_logprob
+from rftlab.rl.settings import RFTConfig
+
+Score = Callable[[list[int], list[str]], list[float]]
+
+
+def optimizer_for(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float) -> float:
+    """Backward, clip, update; returns the pre-clip global gradient norm."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    return norm.item()
+
+
+def lm_pretrain(model: nn.Module, tokenizer, texts: Sequence[str], *, steps: int, batch_size: int, lr: float,
+                max_length: int, seed: int, progress=None) -> list[float]:
+    """Causal language modelling on ``texts`` (EOS appended): next-token cross-entropy on every token.
+
+    Minibatches are drawn uniformly with replacement from ``texts`` by a generator seeded with ``seed``.
+    Returns the loss of every step.
+    """
+    model.eval()
+    optimizer = optimizer_for(model, lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    encoded = tokenizer([t + tokenizer.eos_token for t in texts], add_special_tokens=False, truncation=True,
+                        max_length=max_length)["input_ids"]
+    history = []
+    for _ in range(steps):
+        idx = torch.randint(len(encoded), (batch_size,), generator=gen).tolist()
+        rows = [encoded[i] for i in idx]
+        width = max(map(len, rows))
+        ids = torch.full((batch_size, width), tokenizer.pad_token_id)
+        mask = torch.zeros(batch_size, width, dtype=torch.long)
+        for r, row in enumerate(rows):  # ragged Python lists → one padded tensor (not a per-token loop)
+            ids[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        dev = next(model.parameters()).device
+        loss = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev)).loss
+        _step(model, optimizer, loss, 1.0)
+        history.append(loss.item())
+        if progress is not None:
+            progress.advance()
+    return history
+
+
+def sft_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer, prompts: Sequence[str],
+             references: Sequence[str], *, max_response_length: int | None = None) -> dict[str, float]:
+    """One step of cross-entropy on (prompt, reference) pairs: −mean over response tokens of log π(y_t|x, y_<t)."""
+    device = next(model.parameters()).device
+    batch = [t.to(device) for t in encode_pairs(tokenizer, prompts, references, seq2seq=is_seq2seq(model),
+                                                max_response_length=max_response_length)]
+    logprobs = response_logprobs(model, *batch)
+    loss = losses.sft_loss(logprobs, batch[3])
+    grad_norm = _step(model, optimizer, loss, 1.0)
+    return {"loss/sft": loss.item(), "grad_norm": grad_norm}
+
+
+def reinforce_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer, prompts: Sequence[str],
+                   score: Score, cfg: RFTConfig, generation: dict) -> dict[str, float]:
+    """REINFORCE on K samples per prompt: loss = −mean_{x,k} A(x,k)·log π(y_k|x), A from the chosen baseline.
+
+    With the ``mean`` or ``rloo`` baseline an input whose K rewards are equal contributes exactly nothing.
+    """
+    rollout = sample(model, tokenizer, prompts, cfg.k, temperature=cfg.temperature, **generation)
+    rewards = torch.tensor(score(rollout.prompt_index.tolist(), rollout.texts(tokenizer)), dtype=torch.float32)
+    rewards = rollout.by_prompt(rewards)  # (B, K)
+    advantages = losses.reinforce_advantages(rewards, cfg.baseline, cfg.normalize_std)
+    logprobs = response_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
+                                 rollout.response_mask, cfg.temperature)
+    seq_logprobs = rollout.by_prompt(sequence_logprob(logprobs, rollout.response_mask))
+    loss = losses.reinforce_loss(seq_logprobs, advantages.to(seq_logprobs.device))
+    grad_norm = _step(model, optimizer, loss, cfg.max_grad_norm)
+    return {**losses.group_reward_stats(rewards), "loss/policy": loss.item(), "grad_norm": grad_norm,
+            "completions/mean_length": rollout.lengths.float().mean().item()}
+
+
+def ppo_step(policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Optimizer, tokenizer,
+             prompts: Sequence[str], score: Score, cfg: RFTConfig, generation: dict,
+             kl_controller) -> dict[str, float]:
+    """One PPO iteration as RL4LMs runs it: rollout, per-token reward −β·(log π − log π_ref) with the task
+    score on the last token, GAE(γ, λ) advantages (whitened), then ``ppo_epochs`` passes of clipped policy
+    loss + vf_coef·value loss − ent_coef·entropy over minibatches, and the adaptive-β update.
+
+    ``policy`` is a :class:`rftlab.models.PolicyWithValue`; ``reference`` a frozen copy of the initial model.
+    """
+    rollout = sample(policy, tokenizer, prompts, cfg.k, temperature=cfg.temperature, **generation)
+    mask = rollout.response_mask.float()
+    scores = torch.tensor(score(rollout.prompt_index.tolist(), rollout.texts(tokenizer)), dtype=torch.float32)
+    tensors = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
+    with torch.no_grad():
+        old = response_forward(policy, *tensors, temperature=cfg.temperature)
+        ref_logprobs = response_logprobs(reference, *tensors, temperature=cfg.temperature)
+    beta = kl_controller.beta
+    token_rewards = losses.kl_penalized_rewards(scores.to(mask.device), old.logprobs, ref_logprobs, mask, beta)
+    advantages, returns = losses.gae(token_rewards, old.values, mask, cfg.gamma, cfg.lam)
+    advantages = losses.masked_whiten(advantages, mask)
+
+    stats: dict[str, list[float]] = {}
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, ()).item()))
+    for _ in range(cfg.ppo_epochs):
+        for idx in torch.randperm(len(rollout), generator=gen).split(cfg.minibatch_size):
+            out = response_forward(policy, *(t[idx] for t in tensors), temperature=cfg.temperature)
+            policy_loss, p_stats = losses.ppo_policy_loss(out.logprobs, old.logprobs[idx], advantages[idx],
+                                                          mask[idx], cfg.clip)
+            value_loss, v_stats = losses.ppo_value_loss(out.values, old.values[idx], returns[idx], mask[idx])
+            entropy = losses.entropy_from_logits(out.logits, mask[idx])
+            loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
+            grad_norm = _step(policy, optimizer, loss, cfg.max_grad_norm)
+            for key, value in {**p_stats, **v_stats, "entropy": entropy.item(), "grad_norm": grad_norm}.items():
+                stats.setdefault(key, []).append(value)
+    kl = losses.masked_mean(old.logprobs - ref_logprobs, mask).item()
+    kl_controller.update(kl)
+    return {**losses.group_reward_stats(rollout.by_prompt(scores)), "kl": kl, "beta": beta,
+            **{k: float(np.mean(v)) for k, v in stats.items()},
+            "completions/mean_length": rollout.lengths.float().mean().item()}
+
+
+@torch.no_grad()
+def per_input_rewards(model: nn.Module, tokenizer, prompts: Sequence[str], score: Score, k: int,
+                      generation: dict, *, temperature: float = 1.0, seed: int = 0,
+                      batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
+    """K sampled completions per prompt, scored: rewards (N, K) and the N·K texts (prompt-major)."""
+    rollout = sample(model, tokenizer, prompts, k, temperature=temperature, seed=seed, batch_size=batch_size,
+                     **generation)
+    texts = rollout.texts(tokenizer)
+    rewards = np.asarray(score(rollout.prompt_index.tolist(), texts), dtype=np.float64)
+    return rewards.reshape(len(prompts), k), texts
+
+
+def expected_gradient_norms(model: nn.Module, tokenizer, prompts: Sequence[str], score: Score, k: int,
+                            generation: dict, *, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+    """A sampled estimate of ‖∇θ V(x)‖ per prompt, V(x) = E_{y~π(·|x)}[r(x, y)].
+
+    ĝ(x) = (1/K) Σ_k (r_k − r̄_{−k}) ∇θ log π(y_k|x) with the leave-one-out mean r̄_{−k}, an unbiased
+    estimate of ∇V(x); its norm is biased upwards by sampling noise, and exactly 0 when all K rewards are
+    equal (so small reward std shows up as a small estimate, as Theorem 1 bounds the true norm).
+    One backward per prompt: (N,) norms.
+    """
+    rollout = sample(model, tokenizer, prompts, k, temperature=temperature, seed=seed, **generation)
+    rewards = torch.tensor(score(rollout.prompt_index.tolist(), rollout.texts(tokenizer)), dtype=torch.float32)
+    advantages = losses.reinforce_advantages(rollout.by_prompt(rewards), "rloo")
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = np.zeros(len(prompts))
+    for i in range(len(prompts)):  # per-input gradients: one backward each
+        if advantages[i].abs().max() == 0:
+            continue
+        rows = slice(i * k, (i + 1) * k)
+        tensors = (rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.response_ids[rows],
+                   rollout.response_mask[rows])
+        seq = sequence_logprob(response_logprobs(model, *tensors, temperature=temperature), tensors[3])
+        grads = torch.autograd.grad((advantages[i].to(seq.device) * seq).mean(), params, allow_unused=True)
+        norms[i] = torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)).item()
+    return norms

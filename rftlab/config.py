@@ -104,10 +104,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def parse_value(text: str) -> Any:
-    """Parse the right-hand side of ``key=value`` as a TOML value; bare words stay strings."""
+    """Parse the right-hand side of ``key=value`` as a TOML value; bare words stay strings, also inside a
+    list (``names=[iwslt,totto]`` is ``["iwslt", "totto"]``, since shells strip the quotes)."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
+        if text.startswith("[") and text.endswith("]"):
+            return [parse_value(item.strip()) for item in text[1:-1].split(",") if item.strip()]
         return text
 
 

@@ -15,7 +15,7 @@ state in which y_t is chosen (RL4LMs / TRL convention).
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -59,6 +59,7 @@ def build_model(cfg: LMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrained
                             # GPT-2's tanh-approximated GELU as one fused kernel (gelu_new is 5 Python-level ops)
                             activation_function="gelu_pytorch_tanh", **ids)
         config._attn_implementation = cfg.attention
+        config.loss_type = "ForCausalLM"  # named explicitly: transformers warns on every model built without it
         model = GPT2LMHeadModel(config)
     elif cfg.arch == "t5":
         # T5 starts decoding from the pad token, as the original checkpoints do
@@ -138,15 +139,21 @@ def response_forward_hidden(model: nn.Module, prompt_ids: torch.Tensor, prompt_m
 
 
 class PolicyWithValue(nn.Module):
-    """A language model with a scalar value head V(x, y_<t) = w·h_t + b on its final hidden states.
+    """A language model with a scalar value head V(x, y_<t) = w·h_t + b on final hidden states.
+
+    ``critic="separate"`` (RL4LMs' actor-critic policies) reads the hidden states of a separate copy of the
+    language model, so value-loss gradients never reach the policy; ``critic="shared"`` (TRL's
+    AutoModelForCausalLMWithValueHead) puts the head on the policy's own hidden states, which is cheaper but
+    lets the value loss move the policy.
 
     ``forward`` returns per-response-position logits (B, T, V) and values (B, T); ``generate`` and
     ``config`` pass through to the wrapped model, so samplers take either.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, critic: Literal["separate", "shared"] = "separate") -> None:
         super().__init__()
         self.model = model
+        self.critic = copy.deepcopy(model) if critic == "separate" else None
         self.value_head = nn.Linear(model.config.hidden_size, 1)  # default init, as TRL's and RL4LMs' heads
         first = next(model.parameters())
         self.value_head.to(device=first.device, dtype=first.dtype)
@@ -161,8 +168,10 @@ class PolicyWithValue(nn.Module):
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
                 response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, P), (B, P), (B, T), (B, T) → logits (B, T, V), values (B, T)."""
-        logits, states = response_forward_hidden(self.model, prompt_ids, prompt_mask, response_ids, response_mask,
-                                                 hidden=True)
+        batch = (prompt_ids, prompt_mask, response_ids, response_mask)
+        logits, states = response_forward_hidden(self.model, *batch, hidden=self.critic is None)
+        if self.critic is not None:
+            _, states = response_forward_hidden(self.critic, *batch, hidden=True)
         return logits, self.value_head(states).squeeze(-1)
 
 
@@ -178,7 +187,8 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
     """Freeze ``model`` and add LoRA adapters W + (α/r)·B·A (peft); only the adapters (and a value head) train.
 
     ``target_modules=None`` uses peft's defaults per architecture (GPT-2: ``c_attn``; T5: ``q``, ``v``).
-    A :class:`PolicyWithValue` gets adapters on its language model and keeps its value head trainable.
+    A :class:`PolicyWithValue` gets adapters on its language model (and separate critic) and keeps its value
+    head trainable.
     """
     try:
         from peft import LoraConfig, TaskType, get_peft_model
@@ -186,6 +196,8 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
         raise RftlabError(f"LoRA needs peft ({err}); install it with `pip install peft`.") from None
     if isinstance(model, PolicyWithValue):
         model.model = add_lora(model.model, r, alpha, dropout, target_modules)
+        if model.critic is not None:
+            model.critic = add_lora(model.critic, r, alpha, dropout, target_modules)
         return model
     lm = unwrap(model)
     task = TaskType.SEQ_2_SEQ_LM if lm.config.is_encoder_decoder else TaskType.CAUSAL_LM

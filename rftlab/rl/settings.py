@@ -10,7 +10,10 @@ from typing import Literal
 class SamplingConfig:
     k: int = 10  # samples per input for the per-input statistics (paper: 10)
     temperature: float = 1.0  # sampling temperature τ
-    top_k: int = -1  # top-k truncation while sampling; -1 = the task's GRUE-style setting, 0 = none
+    # top-k truncation while sampling (-1 = the task's GRUE-style setting, 0 = none). Default 0: log-probs are
+    # those of the untruncated policy, and PPO on top-k samples pushes mass into the never-sampled tail
+    # (entropy grows, reward falls) on small models.
+    top_k: int = 0
     max_new_tokens: int = 0  # 0 = the task's setting
     min_new_tokens: int = -1  # -1 = the task's setting
     batch_size: int = 64  # prompts per generate call (batch_size·k sequences)
@@ -20,7 +23,7 @@ class SamplingConfig:
 class SFTConfig:
     steps: int = 150  # optimizer steps of cross-entropy on the references
     batch_size: int = 16  # (prompt, reference) pairs per step
-    lr: float = 3e-4  # AdamW learning rate
+    lr: float = 1e-3  # AdamW learning rate
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,11 @@ class RFTConfig:
     steps: int = 150  # rollout + update iterations
     batch_prompts: int = 16  # prompts per rollout
     k: int = 4  # samples per prompt in a rollout
-    lr: float = 3e-4  # AdamW learning rate (policy and value head)
+    lr: float = 3e-5  # AdamW learning rate (policy and value head)
     temperature: float = 1.0  # rollout sampling temperature
     baseline: Literal["none", "mean", "rloo"] = "rloo"  # REINFORCE baseline over the K samples of an input
     normalize_std: bool = False  # REINFORCE: divide advantages by the group std (GRPO); False = Dr. GRPO
+    critic: Literal["separate", "shared"] = "shared"  # PPO value model: a head on the policy, or a copy (RL4LMs)
     ppo_epochs: int = 2  # PPO passes over each rollout (RL4LMs: 5)
     minibatch_size: int = 32  # PPO minibatch (sequences)
     clip: float = 0.2  # PPO ratio clip ε

@@ -1,0 +1,116 @@
+"""grue (Razin et al. 2024, §4.1): the smoke preset end to end, table invariants, exact resume, paper-scale paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rftlab import config, registry, results
+from rftlab.errors import RftlabError
+from rftlab.experiments import grue
+
+
+def smoke_config(*overrides: str):
+    spec = registry.get("grue")
+    preset = registry.presets_dir() / "grue" / "smoke.toml"
+    return spec, config.resolve(spec.config_cls, [("smoke", config.read_toml(preset))], list(overrides))
+
+
+def make_run(spec, cfg, out: Path) -> results.Run:
+    return results.create_run(experiment=spec.name, version=spec.version, preset="smoke", cfg=cfg, out_root=out,
+                              device="cpu", argv=["test"])
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    spec, cfg = smoke_config()
+    run = make_run(spec, cfg, tmp_path_factory.mktemp("grue"))
+    grue.run(cfg, run)
+    run.finish("complete")
+    return run.path
+
+
+def test_inputs_table_holds_every_task_stage_and_input(smoke: Path) -> None:
+    inputs = results.read_table(smoke, "inputs")
+    _, cfg = smoke_config()
+    assert len(inputs) == len(cfg.tasks.names) * len(grue.STAGES) * cfg.tasks.n_stats
+    rewards = np.stack(inputs.rewards.to_numpy())
+    assert rewards.shape[1] == cfg.stats.k
+    np.testing.assert_allclose(inputs.reward_mean, rewards.mean(1))
+    np.testing.assert_allclose(inputs.reward_std, rewards.std(1))  # population std over the K samples
+    assert ((rewards >= 0) & (rewards <= 1)).all()
+    grads = inputs[inputs.stage == "pretrained"].grad_norm
+    assert grads.notna().sum() == len(cfg.tasks.names) * cfg.tasks.n_grad and (grads.dropna() >= 0).all()
+
+
+def test_summary_is_consistent_with_the_inputs(smoke: Path) -> None:
+    inputs = results.read_table(smoke, "inputs")
+    summary = results.read_table(smoke, "summary").set_index("task")
+    for task, part in inputs.groupby("task"):
+        pre = part[part.stage == "pretrained"].set_index("input_id")
+        sft = part[part.stage == "sft"].set_index("input_id")
+        assert summary.loc[task, "frac_small_std"] == pytest.approx((pre.reward_std < grue.SMALL_STD).mean())
+        assert summary.loc[task, "gain_sft"] == pytest.approx((sft.reward_mean - pre.reward_mean).mean())
+        assert summary.loc[task, "std_p10"] == pytest.approx(pre.reward_std.quantile(0.1))
+
+
+def test_metrics_use_trl_names(smoke: Path) -> None:
+    metrics = results.read_metrics(smoke)
+    rft = metrics[metrics.stage == "rft"]
+    for column in ("reward/mean", "reward/std", "frac_reward_zero_std", "kl", "entropy", "policy/clipfrac",
+                   "loss/policy", "loss/value"):
+        assert rft[column].notna().all(), column
+    assert metrics[metrics.stage == "sft"]["loss/sft"].notna().all()
+
+
+def test_a_run_killed_between_stages_resumes_to_the_same_tables(smoke: Path) -> None:
+    spec, cfg = smoke_config()
+    run = make_run(spec, cfg, smoke.parent.parent)  # same results root: reuses the cached pretrained model
+    save = run.save_checkpoint
+    calls = 0
+
+    def save_then_die(state):
+        nonlocal calls
+        save(state)
+        calls += 1
+        if calls == 3:  # after iwslt/sft
+            raise KeyboardInterrupt
+
+    run.save_checkpoint = save_then_die
+    with pytest.raises(KeyboardInterrupt):
+        grue.run(cfg, run)
+    run.finish("failed")
+    resumed = results.reopen_run(run.path, ["test", "--resume"])
+    grue.run(cfg, resumed)
+    resumed.finish("complete")
+    pd.testing.assert_frame_equal(results.read_table(run.path, "inputs"), results.read_table(smoke, "inputs"))
+    pd.testing.assert_frame_equal(results.read_metrics(run.path), results.read_metrics(smoke))
+
+
+def test_real_data_without_files_names_what_to_download(tmp_path: Path) -> None:
+    spec, cfg = smoke_config("tasks.source=real", f"tasks.data_dir={tmp_path}")
+    with pytest.raises(RftlabError, match="load_dataset"):
+        grue.run(cfg, make_run(spec, cfg, tmp_path / "out"))
+
+
+def test_a_model_saved_with_save_pretrained_is_loaded_by_path(tmp_path: Path) -> None:
+    """The paper-scale path (model.name_or_path) on a tiny GPT-2 and tokenizer saved locally."""
+    from rftlab import models, tokenization
+    from rftlab.data import grue_tasks
+    from rftlab.lm_config import LMConfig
+
+    task = grue_tasks.make_task("totto", n_train=20, n_val=2, n_test=2)
+    tokenizer = tokenization.train_bpe_tokenizer(task.pretrain_texts(200), vocab_size=400)
+    model = models.build_model(LMConfig(n_layer=1, n_embd=32, n_head=2, n_positions=160), tokenizer)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    spec, cfg = smoke_config(f"model.name_or_path={tmp_path / 'tiny'}", "tasks.names=[totto]", "tasks.n_train=20",
+                             "tasks.n_stats=8", "tasks.n_grad=2")
+    run = make_run(spec, cfg, tmp_path / "out")
+    grue.run(cfg, run)
+    inputs = results.read_table(run.path, "inputs")
+    assert set(inputs.stage) == set(grue.STAGES) and len(inputs) == 4 * 8
+    assert not (run.path.parent.parent / "_cache").exists()  # no pretraining stage for a loaded model

@@ -43,10 +43,11 @@ def test_gradient_norm_estimate_matches_a_per_sample_oracle_and_is_zero_for_cons
     tokenizer, model = lm
     prompts = ["the cat", "a dog"]
     k, seed = 4, 11
-    estimate = train.expected_gradient_norms(model, tokenizer, prompts, length_score, k, GEN, seed=seed)
+    estimate, used = train.expected_gradient_norms(model, tokenizer, prompts, length_score, k, GEN, seed=seed)
     # oracle: Σ_k (r_k − r̄_{−k}) ∇ log π(y_k|x) / K with one autograd.grad per sample
     rollout = sample(model, tokenizer, prompts, k, seed=seed, **GEN)
     rewards = torch.tensor(length_score(None, rollout.texts(tokenizer))).view(2, k)
+    np.testing.assert_allclose(used, rewards.numpy())
     adv = losses.reinforce_advantages(rewards, "rloo")
     params = [p for p in model.parameters()]
     for i in range(2):
@@ -60,7 +61,7 @@ def test_gradient_norm_estimate_matches_a_per_sample_oracle_and_is_zero_for_cons
             total = [a + adv[i, j] * (g if g is not None else 0) / k for a, g in zip(total, grads, strict=True)]
         oracle = torch.sqrt(sum(g.pow(2).sum() for g in total)).item()
         assert estimate[i] == pytest.approx(oracle, rel=1e-4, abs=1e-7)
-    constant = train.expected_gradient_norms(model, tokenizer, prompts, lambda i, t: [0.5] * len(t), k, GEN)
+    constant, _ = train.expected_gradient_norms(model, tokenizer, prompts, lambda i, t: [0.5] * len(t), k, GEN)
     np.testing.assert_array_equal(constant, 0.0)
 
 

@@ -36,7 +36,8 @@ METRICS = {
     "policy/clipfrac, policy/approxkl, loss/policy, loss/value": "PPO statistics (RL4LMs definitions)",
     "loss/sft": "SFT cross-entropy per response token",
     "inputs.parquet": "per (task, stage, input_id): reward_mean, reward_std, rewards (K), samples, topic "
-    "frequency, grad_norm (sampled ‖∇V(x)‖ estimate on a subset, pretrained stage)",
+    "frequency, grad_norm (sampled ‖∇V(x)‖ estimate on a subset, pretrained stage) and grad_reward_std (the "
+    "reward std of the samples behind it)",
     "summary.parquet": "per task: std_p10, frac_small_std, frac_small_std_low_reward, gains of rft / sft / "
     "sft_rft, Pearson and Spearman of initial std vs gain for rft and sft",
 }
@@ -170,12 +171,14 @@ class _TaskStages:
             "rewards": list(rewards), "best_reward": self.task.best_reward,
             "sample": texts[:: cfg.stats.k], "prompt": prompts,
         })
-        table["grad_norm"] = np.nan
+        table["grad_norm"] = table["grad_reward_std"] = np.nan
         if stage == "pretrained" and cfg.tasks.n_grad > 0:
             n = min(cfg.tasks.n_grad, len(prompts))
-            table.loc[: n - 1, "grad_norm"] = train.expected_gradient_norms(
+            norms, used = train.expected_gradient_norms(
                 model, self.tokenizer, prompts[:n], self.scorer(examples), cfg.stats.k, self.generation,
                 temperature=cfg.stats.temperature, seed=cfg.seed + 1)
+            table.loc[: n - 1, "grad_norm"] = norms
+            table.loc[: n - 1, "grad_reward_std"] = used.std(1)  # std of the very samples behind the estimate
         self.bar.advance()
         return table
 
@@ -363,15 +366,18 @@ def _plot_scatter(inputs, out_dir: Path, fmt: str) -> Path:
 
 
 def _plot_gain(inputs, out_dir: Path, fmt: str) -> Path:
-    import pandas as pd
     from scipy import stats as st
 
     from rftlab import plotting
 
     tasks = list(dict.fromkeys(inputs.task))
-    fig, axes = plotting.figure(ncols=len(tasks) + 1, width=2.6, height=2.6, sharey=True)
-    pooled = []
-    for ax, task in zip(axes[0], [*tasks, "all tasks"], strict=True):
+    ncols = min(4, len(tasks) + 1)
+    nrows = -(-(len(tasks) + 1) // ncols)
+    fig, axes = plotting.figure(ncols=ncols, nrows=nrows, width=3.0, height=2.7, sharey=True)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(tasks) + 1:]:
+        ax.set_visible(False)
+    for ax, task in zip(flat, [*tasks, "all tasks"], strict=False):
         part = inputs if task == "all tasks" else inputs[inputs.task == task]
         wide = part.pivot_table(index=["task", "input_id"], columns="stage", values="reward_mean")
         std0 = part[part.stage == "pretrained"].set_index(["task", "input_id"]).reward_std.reindex(wide.index)
@@ -381,12 +387,11 @@ def _plot_gain(inputs, out_dir: Path, fmt: str) -> Path:
             rho = st.spearmanr(std0, gain).statistic if gain.std() > 0 else float("nan")
             ax.scatter(std0, gain, s=5, alpha=0.45, color=plotting.COLORS[method], linewidths=0,
                        label=f"{method.upper()}: r={r:.2f}, ρ={rho:.2f}")
-            if task != "all tasks":
-                pooled.append(pd.DataFrame({"method": method, "std0": std0.values, "gain": gain.values}))
         ax.axhline(0, color="k", lw=0.6)
         ax.set(title=task, xlabel="initial reward std")
         ax.legend(loc="upper left", fontsize=7, markerscale=2)
-    axes[0][0].set_ylabel("reward gain (after − pretrained)")
+    for row in axes:
+        row[0].set_ylabel("reward gain (after − pretrained)")
     fig.suptitle("Per-input reward gain vs initial reward std (Pearson r, Spearman ρ)")
     return plotting.save(fig, out_dir, "grue_gain_vs_std", fmt)
 
@@ -426,9 +431,9 @@ def _plot_grad(inputs, out_dir: Path, fmt: str) -> Path:
     ax = axes[0][0]
     floor_std, floor_grad = 1e-3, 1e-4
     for task, group in part.groupby("task", sort=False):
-        ax.scatter(group.reward_std.clip(lower=floor_std), group.grad_norm.clip(lower=floor_grad), s=10,
+        ax.scatter(group.grad_reward_std.clip(lower=floor_std), group.grad_norm.clip(lower=floor_grad), s=10,
                    alpha=0.7, label=task, linewidths=0)
-    ax.set(xscale="log", yscale="log", xlabel=f"reward std (values < {floor_std:g} shown at {floor_std:g})",
+    ax.set(xscale="log", yscale="log", xlabel=f"reward std of the K samples (< {floor_std:g} shown at {floor_std:g})",
            ylabel=f"sampled ‖∇θ V(x)‖ (0 shown at {floor_grad:g})",
            title="Gradient-norm estimate vs reward std (pretrained)")
     ax.legend(fontsize=7)

@@ -158,13 +158,14 @@ def per_input_rewards(model: nn.Module, tokenizer, prompts: Sequence[str], score
 
 
 def expected_gradient_norms(model: nn.Module, tokenizer, prompts: Sequence[str], score: Score, k: int,
-                            generation: dict, *, temperature: float = 1.0, seed: int = 0) -> np.ndarray:
+                            generation: dict, *, temperature: float = 1.0,
+                            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A sampled estimate of ‖∇θ V(x)‖ per prompt, V(x) = E_{y~π(·|x)}[r(x, y)].
 
     ĝ(x) = (1/K) Σ_k (r_k − r̄_{−k}) ∇θ log π(y_k|x) with the leave-one-out mean r̄_{−k}, an unbiased
     estimate of ∇V(x); its norm is biased upwards by sampling noise, and exactly 0 when all K rewards are
     equal (so small reward std shows up as a small estimate, as Theorem 1 bounds the true norm).
-    One backward per prompt: (N,) norms.
+    One backward per prompt. Returns the (N,) norms and the (N, K) rewards of the samples they used.
     """
     rollout = sample(model, tokenizer, prompts, k, temperature=temperature, seed=seed, **generation)
     rewards = torch.tensor(score(rollout.prompt_index.tolist(), rollout.texts(tokenizer)), dtype=torch.float32)
@@ -180,4 +181,4 @@ def expected_gradient_norms(model: nn.Module, tokenizer, prompts: Sequence[str],
         seq = sequence_logprob(response_logprobs(model, *tensors, temperature=temperature), tensors[3])
         grads = torch.autograd.grad((advantages[i].to(seq.device) * seq).mean(), params, allow_unused=True)
         norms[i] = torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)).item()
-    return norms
+    return norms, rollout.by_prompt(rewards).numpy()

@@ -188,7 +188,8 @@ def download_hint(name: str, data_dir: str | Path) -> str:
     spec = REAL_TASKS[name]
     target = Path(data_dir).expanduser() / spec.folder
     config = f", {spec.config!r}" if spec.config else ""
-    return f"python -c 'import datasets; datasets.load_dataset({spec.hf_id!r}{config}).save_to_disk(\"{target}\")'"
+    call = f"datasets.load_dataset({spec.hf_id!r}{config}).save_to_disk({str(target)!r})"
+    return f'python -c "import datasets; {call}"'
 
 
 def _open(name: str, data_dir: str | Path, download: bool):
@@ -200,7 +201,7 @@ def _open(name: str, data_dir: str | Path, download: bool):
     if not path.exists():
         if not download:
             raise RftlabError(f"GRUE data set {name!r} not found at {path}: on a machine with network run "
-                              f"{download_hint(name, data_dir)} (or pass download=True).")
+                              f"{download_hint(name, data_dir)} and copy the folder here.")
         try:
             datasets.load_dataset(spec.hf_id, spec.config).save_to_disk(str(path))
         except Exception as err:  # offline, unknown config, no cache: the message says what to do

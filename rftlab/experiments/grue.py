@@ -48,9 +48,10 @@ class TasksConfig:
     names: tuple[str, ...] = ("imdb", "commongen", "iwslt", "cnn_dm", "narrativeqa", "totto")  # GRUE tasks
     source: Literal["synthetic", "real"] = "synthetic"  # generated stand-ins, or the real data sets (paper)
     data_dir: str = "data"  # folder of the real data sets (source = real)
-    n_train: int = 400  # train inputs per task used for finetuning
+    n_train: int = 400  # train inputs per task used for finetuning (0 = the whole split; real data only)
     n_stats: int = 200  # train inputs per task whose per-input statistics are measured (paper: 5000)
     n_grad: int = 40  # inputs per task for the sampled gradient-norm estimate
+    reward: str = ""  # override every task's reward by registry name (e.g. chrf for METEOR); "" = the task's
     seed: int = 0  # seeds task generation and the topic ranking
 
     def __post_init__(self) -> None:
@@ -59,7 +60,9 @@ class TasksConfig:
         unknown = [n for n in self.names if n not in TASKS]
         if unknown or not self.names:
             raise ValueError(f"unknown GRUE task(s) {unknown} in tasks.names; choose from {', '.join(TASKS)}")
-        if self.n_stats > self.n_train:
+        if self.source == "synthetic" and self.n_train <= 0:
+            raise ValueError("tasks.n_train must be > 0 for synthetic tasks (0 = the whole split, real data only)")
+        if 0 < self.n_train < self.n_stats:
             raise ValueError("tasks.n_stats must be ≤ tasks.n_train (statistics are measured on train inputs)")
 
 
@@ -136,7 +139,7 @@ class _TaskStages:
     def __init__(self, cfg: Config, run, tokenizer, base, name: str, task, bar) -> None:
         self.cfg, self.run, self.tokenizer, self.base, self.name, self.task, self.bar = (
             cfg, run, tokenizer, base, name, task, bar)
-        self.train_examples = task.splits["train"][: cfg.tasks.n_train]
+        self.train_examples = task.splits["train"][: cfg.tasks.n_train or None]
         self.stats_examples = self.train_examples[: cfg.tasks.n_stats]
         self.generation = _generation(cfg, task)
 
@@ -236,10 +239,13 @@ def _load_task(cfg: Config, name: str):
     if cfg.tasks.source == "synthetic":
         from rftlab.data import grue_tasks
 
-        return grue_tasks.make_task(name, n_train=n, n_val=50, n_test=50, seed=cfg.tasks.seed)
+        knobs = {"reward": cfg.tasks.reward} if cfg.tasks.reward else {}
+        return grue_tasks.make_task(name, n_train=n, n_val=50, n_test=50, seed=cfg.tasks.seed, **knobs)
     from rftlab.data import grue_real
 
-    return grue_real.load_real_task(name, data_dir=cfg.tasks.data_dir, n_train=n, seed=cfg.tasks.seed)
+    # only train inputs are used: load one validation and test input, not the whole splits
+    return grue_real.load_real_task(name, data_dir=cfg.tasks.data_dir, n_train=n, n_val=1, n_test=1,
+                                    seed=cfg.tasks.seed, reward=cfg.tasks.reward or None)
 
 
 def _generation(cfg: Config, task) -> dict:

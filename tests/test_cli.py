@@ -264,7 +264,7 @@ BAD_RUNS = {
     "wrong type": (["run", "theorem-bound", "--set", "n_inputs=many"],
                    "error: bad value 'many' for n_inputs: expected int."),
     "wrong item type": (["run", "theorem-bound", "temperatures=[1,hot]"],
-                        "error: bad value '[1,hot]' for temperatures: expected tuple[float, ...]."),
+                        "error: bad value [1, 'hot'] for temperatures: expected tuple[float, ...]."),
     "invalid value": (["run", "theorem-bound", "vocab_size=1"],
                       "error: invalid config: vocab_size must be ≥ 2 and every output length in 1..6"),
     "bad preset": (["run", "theorem-bound", "--preset", "smok"],

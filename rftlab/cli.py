@@ -184,16 +184,7 @@ def run(
         dev = runtime.resolve_device(device)
         handle = results.reopen_run(resume, argv)
     else:
-        layers = []
-        if preset:
-            preset_path = registry.presets_dir() / spec.name / f"{preset}.toml"
-            if not preset_path.exists():
-                known = ", ".join(registry.presets(spec.name)) or "none"
-                raise RftlabError(f"experiment {spec.name!r} has no preset {preset!r} (presets: {known}).")
-            layers.append((str(preset_path), config.read_toml(preset_path)))
-        if config_file is not None:
-            layers.append((str(config_file), config.read_toml(config_file)))
-        cfg = config.resolve(spec.config_cls, layers, words)
+        cfg = registry.preset_config(spec, preset, words, config_file)
         dev = runtime.resolve_device(device)
         handle = results.create_run(experiment=spec.name, version=spec.version, preset=preset, cfg=cfg,
                                     out_root=out, device=dev, argv=argv)

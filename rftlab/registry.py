@@ -111,3 +111,21 @@ def presets(name: str) -> list[str]:
     order = {"default": 0, "smoke": 1, "paper": 2}
     found = [p.stem for p in folder.glob("*.toml")] if folder.is_dir() else []
     return sorted(found, key=lambda s: (order.get(s, 3), s))
+
+
+def preset_config(spec: ExperimentSpec, preset: str | None = "default", overrides: list[str] = (),
+                  config_file: Path | None = None):
+    """The experiment's Config from its preset file, a user's TOML file and ``key=value`` overrides, in that
+    order; an unknown preset raises with the list of presets that exist."""
+    from rftlab import config
+
+    layers = []
+    if preset:
+        preset_path = presets_dir() / spec.name / f"{preset}.toml"
+        if not preset_path.exists():
+            known = ", ".join(presets(spec.name)) or "none"
+            raise RftlabError(f"experiment {spec.name!r} has no preset {preset!r} (presets: {known}).")
+        layers.append((str(preset_path), config.read_toml(preset_path)))
+    if config_file is not None:
+        layers.append((str(config_file), config.read_toml(config_file)))
+    return config.resolve(spec.config_cls, layers, list(overrides))

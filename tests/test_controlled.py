@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rftlab import config, registry, results
+from rftlab import registry, results
 from rftlab.experiments import controlled
 
 
@@ -18,8 +18,7 @@ def make_run(spec, cfg, out: Path, preset: str = "smoke") -> results.Run:
 
 def smoke_config(*overrides: str):
     spec = registry.get("controlled")
-    preset = registry.presets_dir() / "controlled" / "smoke.toml"
-    return spec, config.resolve(spec.config_cls, [("smoke", config.read_toml(preset))], list(overrides))
+    return spec, registry.preset_config(spec, "smoke", list(overrides))
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +104,7 @@ def test_paper_preset_without_data_names_what_to_provide(tmp_path: Path) -> None
 
     spec = registry.get("controlled")
     for preset, expected in (("paper", "mnist.npz"), ("paper-cifar10", "cifar-10"), ("paper-stsb", "STS-B")):
-        path = registry.presets_dir() / "controlled" / f"{preset}.toml"
-        cfg = config.resolve(spec.config_cls, [(preset, config.read_toml(path))], [f"data.data_dir={tmp_path}"])
+        cfg = registry.preset_config(spec, preset, [f"data.data_dir={tmp_path}"])
         with pytest.raises(RftlabError, match=expected):
             controlled.run(cfg, make_run(spec, cfg, tmp_path / "out", preset))
 
@@ -116,8 +114,7 @@ def test_default_preset_claims(tmp_path: Path) -> None:
     """The issue's numbers on the default preset (≈ 1 min): RFT < 10% vs SFT > 95% on the flipped inputs,
     both > 90% on the rest, and a ≥ 100× gradient-norm gap under RFT at the start."""
     spec = registry.get("controlled")
-    path = registry.presets_dir() / "controlled" / "default.toml"
-    cfg = config.resolve(spec.config_cls, [("default", config.read_toml(path))])
+    cfg = registry.preset_config(spec, "default")
     run = make_run(spec, cfg, tmp_path, "default")
     controlled.run(cfg, run)
     run.finish("complete")

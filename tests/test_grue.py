@@ -8,15 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rftlab import config, registry, results
+from rftlab import registry, results
 from rftlab.errors import RftlabError
 from rftlab.experiments import grue
 
 
 def smoke_config(*overrides: str):
     spec = registry.get("grue")
-    preset = registry.presets_dir() / "grue" / "smoke.toml"
-    return spec, config.resolve(spec.config_cls, [("smoke", config.read_toml(preset))], list(overrides))
+    return spec, registry.preset_config(spec, "smoke", list(overrides))
 
 
 def make_run(spec, cfg, out: Path) -> results.Run:

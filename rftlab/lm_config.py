@@ -19,4 +19,6 @@ class LMConfig:
     dropout: float = 0.0  # dropout on residuals, embeddings and attention (0 keeps log-probs deterministic)
     attention: Literal["sdpa", "eager"] = "sdpa"  # attention kernel; eager where torch.func.vmap meets padding
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # parameter dtype (bfloat16 on GPU at scale)
+    lora_r: int = 0  # LoRA rank for finetuning (peft; 0 = finetune every weight)
+    lora_alpha: float = 16.0  # LoRA scale α (the update is (α/r)·B·A)
     allow_download: bool = False  # let name_or_path fetch from the hub (off: fail at once with what to fetch)

@@ -113,3 +113,25 @@ def test_a_model_saved_with_save_pretrained_is_loaded_by_path(tmp_path: Path) ->
     inputs = results.read_table(run.path, "inputs")
     assert set(inputs.stage) == set(grue.STAGES) and len(inputs) == 4 * 8
     assert not (run.path.parent.parent / "_cache").exists()  # no pretraining stage for a loaded model
+
+
+def test_lora_finetunes_adapters_only(tmp_path: Path) -> None:
+    """model.lora_r > 0: every stage trains LoRA adapters; the pretrained weights stay as they were."""
+    pytest.importorskip("peft", reason="LoRA needs peft")
+    import torch
+
+    spec, cfg = smoke_config("model.lora_r=2", "tasks.names=[totto]")
+    run = make_run(spec, cfg, tmp_path)
+    grue.run(cfg, run)
+    sft = torch.load(run.path / "checkpoints" / "totto-sft.pt", weights_only=True)
+    adapters = [k for k in sft if "lora_" in k]
+    assert adapters and all(k.endswith(".weight") for k in adapters)
+    cache = next((tmp_path / "_cache").iterdir())
+    base = torch.load(cache / "model.pt", weights_only=True)
+    for key, value in base.items():  # peft names the frozen weights base_model.model.<name>(.base_layer)
+        module, _, leaf = key.rpartition(".")
+        match = [k for k in sft if k.endswith(key) or k.endswith(f"{module}.base_layer.{leaf}")]
+        assert match, key
+        torch.testing.assert_close(sft[match[0]], value)
+    changed = [k for k in adapters if "lora_B" in k and sft[k].abs().max() > 0]
+    assert changed  # B starts at zero; SFT moved it

@@ -148,9 +148,15 @@ class _TaskStages:
         return lambda index, texts: self.task.score([batch[i] for i in index], texts)
 
     def fresh(self, state: dict | None = None):
+        """A copy of the pretrained model (with LoRA adapters when ``model.lora_r`` > 0), optionally loaded
+        with the state of an earlier stage."""
         import copy
 
+        from rftlab import models
+
         model = copy.deepcopy(self.base)
+        if self.cfg.model.lora_r > 0:
+            model = models.add_lora(model, r=self.cfg.model.lora_r, alpha=self.cfg.model.lora_alpha, dropout=0.0)
         if state is not None:
             model.load_state_dict(state)
         return model.to(self.run.device)

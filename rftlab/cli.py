@@ -186,8 +186,7 @@ def run(
     else:
         cfg = registry.preset_config(spec, preset, words, config_file)
         dev = runtime.resolve_device(device)
-        handle = results.create_run(experiment=spec.name, version=spec.version, preset=preset, cfg=cfg,
-                                    out_root=out, device=dev, argv=argv)
+        handle = spec.new_run(cfg, preset=preset, out_root=out, device=dev, argv=argv)
     handle.device = dev
     handle.info(f"{spec.name}: run folder {handle.path}")
     try:

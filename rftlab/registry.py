@@ -52,6 +52,13 @@ class ExperimentSpec:
         doc = inspect.getdoc(self.module) or ""
         return doc.split("\n\n")[0].replace("\n", " ")
 
+    def new_run(self, cfg, *, preset: str, out_root: Path, device: str = "cpu", argv: list[str] = ()):
+        """A fresh run folder of this experiment under ``out_root`` (see :func:`rftlab.results.create_run`)."""
+        from rftlab import results
+
+        return results.create_run(experiment=self.name, version=self.version, preset=preset, cfg=cfg,
+                                  out_root=out_root, device=device, argv=list(argv))
+
 
 _REGISTRY: dict[str, ExperimentSpec] = {}
 

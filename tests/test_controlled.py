@@ -11,11 +11,6 @@ from rftlab import registry, results
 from rftlab.experiments import controlled
 
 
-def make_run(spec, cfg, out: Path, preset: str = "smoke") -> results.Run:
-    return results.create_run(experiment=spec.name, version=spec.version, preset=preset, cfg=cfg, out_root=out,
-                              device="cpu", argv=["test"])
-
-
 def smoke_config(*overrides: str):
     spec = registry.get("controlled")
     return spec, registry.preset_config(spec, "smoke", list(overrides))
@@ -24,7 +19,7 @@ def smoke_config(*overrides: str):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Path:
     spec, cfg = smoke_config()
-    run = make_run(spec, cfg, tmp_path_factory.mktemp("controlled"))
+    run = spec.new_run(cfg, preset="smoke", out_root=tmp_path_factory.mktemp("controlled"))
     controlled.run(cfg, run)
     run.finish("complete")
     return run.path
@@ -63,7 +58,7 @@ def test_same_seed_same_metrics_and_resume_replays_exactly(smoke: Path, tmp_path
     class Dies(Exception):
         pass
 
-    run = make_run(spec, cfg, tmp_path)
+    run = spec.new_run(cfg, preset="smoke", out_root=tmp_path)
     saves = 0
     save = run.save_checkpoint
 
@@ -96,7 +91,7 @@ def test_bad_model_for_data_is_a_user_error(tmp_path: Path) -> None:
 
     spec, cfg = smoke_config("model.kind=transformer")
     with pytest.raises(RftlabError, match="token data set"):
-        controlled.run(cfg, make_run(spec, cfg, tmp_path))
+        controlled.run(cfg, spec.new_run(cfg, preset="smoke", out_root=tmp_path))
 
 
 def test_paper_preset_without_data_names_what_to_provide(tmp_path: Path) -> None:
@@ -106,7 +101,7 @@ def test_paper_preset_without_data_names_what_to_provide(tmp_path: Path) -> None
     for preset, expected in (("paper", "mnist.npz"), ("paper-cifar10", "cifar-10"), ("paper-stsb", "STS-B")):
         cfg = registry.preset_config(spec, preset, [f"data.data_dir={tmp_path}"])
         with pytest.raises(RftlabError, match=expected):
-            controlled.run(cfg, make_run(spec, cfg, tmp_path / "out", preset))
+            controlled.run(cfg, spec.new_run(cfg, preset=preset, out_root=tmp_path / "out"))
 
 
 @pytest.mark.slow
@@ -115,7 +110,7 @@ def test_default_preset_claims(tmp_path: Path) -> None:
     both > 90% on the rest, and a ≥ 100× gradient-norm gap under RFT at the start."""
     spec = registry.get("controlled")
     cfg = registry.preset_config(spec, "default")
-    run = make_run(spec, cfg, tmp_path, "default")
+    run = spec.new_run(cfg, preset="default", out_root=tmp_path)
     controlled.run(cfg, run)
     run.finish("complete")
     metrics = results.read_metrics(run.path)

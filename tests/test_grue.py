@@ -18,15 +18,10 @@ def smoke_config(*overrides: str):
     return spec, registry.preset_config(spec, "smoke", list(overrides))
 
 
-def make_run(spec, cfg, out: Path) -> results.Run:
-    return results.create_run(experiment=spec.name, version=spec.version, preset="smoke", cfg=cfg, out_root=out,
-                              device="cpu", argv=["test"])
-
-
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Path:
     spec, cfg = smoke_config()
-    run = make_run(spec, cfg, tmp_path_factory.mktemp("grue"))
+    run = spec.new_run(cfg, preset="smoke", out_root=tmp_path_factory.mktemp("grue"))
     grue.run(cfg, run)
     run.finish("complete")
     return run.path
@@ -67,7 +62,7 @@ def test_metrics_use_trl_names(smoke: Path) -> None:
 
 def test_a_run_killed_between_stages_resumes_to_the_same_tables(smoke: Path) -> None:
     spec, cfg = smoke_config()
-    run = make_run(spec, cfg, smoke.parent.parent)  # same results root: reuses the cached pretrained model
+    run = spec.new_run(cfg, preset="smoke", out_root=smoke.parent.parent)  # shares the cached pretrained model
     save = run.save_checkpoint
     calls = 0
 
@@ -92,7 +87,7 @@ def test_a_run_killed_between_stages_resumes_to_the_same_tables(smoke: Path) -> 
 def test_real_data_without_files_names_what_to_download(tmp_path: Path) -> None:
     spec, cfg = smoke_config("tasks.source=real", f"tasks.data_dir={tmp_path}")
     with pytest.raises(RftlabError, match="load_dataset"):
-        grue.run(cfg, make_run(spec, cfg, tmp_path / "out"))
+        grue.run(cfg, spec.new_run(cfg, preset="smoke", out_root=tmp_path / "out"))
 
 
 def test_a_model_saved_with_save_pretrained_is_loaded_by_path(tmp_path: Path) -> None:
@@ -108,7 +103,7 @@ def test_a_model_saved_with_save_pretrained_is_loaded_by_path(tmp_path: Path) ->
     tokenizer.save_pretrained(tmp_path / "tiny")
     spec, cfg = smoke_config(f"model.name_or_path={tmp_path / 'tiny'}", "tasks.names=[totto]", "tasks.n_train=20",
                              "tasks.n_stats=8", "tasks.n_grad=2")
-    run = make_run(spec, cfg, tmp_path / "out")
+    run = spec.new_run(cfg, preset="smoke", out_root=tmp_path / "out")
     grue.run(cfg, run)
     inputs = results.read_table(run.path, "inputs")
     assert set(inputs.stage) == set(grue.STAGES) and len(inputs) == 4 * 8
@@ -121,7 +116,7 @@ def test_lora_finetunes_adapters_only(tmp_path: Path) -> None:
     import torch
 
     spec, cfg = smoke_config("model.lora_r=2", "tasks.names=[totto]")
-    run = make_run(spec, cfg, tmp_path)
+    run = spec.new_run(cfg, preset="smoke", out_root=tmp_path)
     grue.run(cfg, run)
     sft = torch.load(run.path / "checkpoints" / "totto-sft.pt", weights_only=True)
     adapters = [k for k in sft if "lora_" in k]

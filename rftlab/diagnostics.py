@@ -7,7 +7,9 @@ log-probs) and
 
 Under DPO's gradient flow dx_w ∝ a − ρ and dx_l ∝ ρ − b (``rftlab.preference.predicted_changes``), so the chosen
 log-prob falls when ρ > a and the rejected one rises when ρ > b. :func:`pair_gradient_stats` measures these per
-pair; :func:`token_gradient_cosines` resolves κ into per-token gradient cosines.
+pair (``method="fast"``: one batched forward and backward per chunk of pairs with module hooks, inner products
+of per-example gradients from Gram matrices of layer inputs and output gradients; ``"exact"``: an autograd
+loop, the oracle); :func:`token_gradient_cosines` resolves κ into per-token gradient cosines.
 
 Inputs are token ids, not strings: ``prompts``, ``chosen``, ``rejected`` are lists of id lists (ragged). The
 padded batch follows :func:`rftlab.models.response_forward_hidden`'s convention (causal models: left-padded
@@ -147,8 +149,8 @@ class _SequenceLogp(nn.Module):
 
 # ------------------------------------------------------------------------------------------- statistics
 def pair_gradient_stats(model: nn.Module, prompts: TokenIds, chosen: TokenIds, rejected: TokenIds,
-                        params: ParamSpec = "all", method: Literal["fast", "exact"] = "fast",
-                        chunk_size: int = 16, rtol: float = 1e-5):
+                        params: ParamSpec = "all", method: Literal["fast", "exact", "func"] = "fast",
+                        chunk_size: int = 32, rtol: float = 1e-5):
     """Per-pair gradient-entanglement statistics of B preference pairs, as a pandas DataFrame with B rows.
 
     prompts, chosen, rejected: B token-id lists each (ragged). With g_w = ∇_θ log π(y_w|x) and
@@ -163,35 +165,60 @@ def pair_gradient_stats(model: nn.Module, prompts: TokenIds, chosen: TokenIds, r
     - ``logp_chosen`` x_w, ``logp_rejected`` x_l (summed response-token log-probs, float).
 
     ``method="exact"``: the oracle, a Python loop with one unpadded forward and one ``torch.autograd.grad`` per
-    response (2 per pair), then dot products of the flattened gradients. ``method="fast"``: ``torch.func`` —
-    ``vmap(grad(functional_call(...)))`` over the padded 2B sequences, ``chunk_size`` sequences (chunk_size // 2
-    pairs, chosen and rejected together) per call; per-example gradients (chunk, *param.shape) are reduced to
-    a, b, ρ with batched products per parameter tensor and never stored beyond the chunk. Memory is about
-    chunk_size × (#selected parameters) floats plus vmap's activations. vmap needs eager attention (sdpa with a
-    padding mask is data-dependent), so the model's ``config._attn_implementation`` is set to "eager" for the
-    call and restored after. ``fast`` supports causal models only (RftlabError for seq2seq: T5's encoder mask
-    is built with a data-dependent check that vmap refuses); ``exact`` takes both. Both methods run the model
-    in eval mode (dropout off) and restore its mode; products are accumulated in float64.
+    response (2 per pair), then dot products of the flattened gradients; causal and seq2seq models.
+
+    ``method="fast"`` (causal models; hook-based "ghost" products): per chunk of ``chunk_size // 2`` pairs, ONE
+    forward over the N = 2c padded sequences (chosen rows, then rejected rows) with forward hooks on the modules
+    owning selected parameters, and ONE ``autograd.grad`` of Σ_i log π_i with respect to their outputs (no
+    parameter gradients are formed). Rows never interact (eval mode, per-row attention masks), so row i of the
+    output gradient δ is sequence i's own; δ is zeroed on padding. With x_t the module input at token t
+    (N, L, d_in) and δ_t its output gradient (N, L, d_out), per-example gradients are
+
+    - nn.Linear weight (out, in) Σ_t δ_t x_tᵀ, transformers' Conv1D weight (in, out) Σ_t x_t δ_tᵀ, biases Σ_t δ_t;
+    - nn.LayerNorm weight Σ_t x̂_t ∘ δ_t (x̂ the normalised input) and bias Σ_t δ_t;
+    - nn.Embedding weight (V, H) Σ_t e_{id_t} δ_tᵀ (token and position embeddings; the one-hot is never built);
+    - peft LoRA adapters are nn.Linear modules (lora_A, lora_B) and follow the Linear rule.
+
+    Bias and LayerNorm gradients are materialised, (N, numel). For a weight, G = Σ_t u_t v_tᵀ and
+    ⟨G_i, G_j⟩ = Σ_{t,s} (u_t·u'_s)(v_t·v'_s): two (L × L') Gram matrices per row pair from float32 bmm
+    ([id_t = id'_s] for embedding indices, a gather for index × dense), or the per-example gradients
+    materialised (N, numel) when that costs fewer multiply-adds (d_in·d_out small relative to L²); only the
+    pairs (i, i), (i+c, i+c), (i, i+c) are formed.
+    A parameter used by several modules (GPT-2's tied ``lm_head.weight`` = ``wte.weight``) has G = Σ_k G_k, so
+    a, b, ρ include every cross term ⟨G_k, G_m⟩. Sums of products are taken in float32 (cascade sum) per row
+    and accumulated over parameters in float64. Memory: the chunk's activations plus (3c × L × L) Gram blocks
+    per weight, or (N × numel) where materialised. A selected parameter owned by any other module type (or an
+    Embedding with max_norm / sparse), or a hooked call whose tensors are not (batch, tokens, ·), raises
+    RftlabError naming method='exact' — nothing falls back silently. An Embedding's padding_idx row gets none.
+
+    ``method="func"``: the previous ``torch.func`` path, ``vmap(grad(functional_call(...)))`` over chunks of
+    ``chunk_size`` sequences, any differentiable causal model; per-example gradients (chunk, *param.shape)
+    are reduced per parameter tensor. vmap needs eager attention, so ``config._attn_implementation`` is set to
+    "eager" for the call and restored after; causal models only (T5's encoder mask check is data-dependent).
+
+    All methods run the model in eval mode (dropout off) and restore its mode; a, b, ρ are float64.
     """
     import pandas as pd
 
     if not (len(prompts) == len(chosen) == len(rejected)):
         raise RftlabError(f"got {len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} rejected responses.")
-    if method not in ("fast", "exact"):
-        raise RftlabError(f"method must be 'fast' or 'exact', got {method!r}.")
+    if method not in ("fast", "exact", "func"):
+        raise RftlabError(f"method must be 'fast', 'exact' or 'func', got {method!r}.")
     if chunk_size < 2:
         raise RftlabError(f"chunk_size must be at least 2 (one chosen + one rejected sequence), got {chunk_size}.")
-    if method == "fast" and is_seq2seq(model):
-        raise RftlabError("method='fast' supports causal models only: under vmap, transformers' encoder mask checks "
+    if method == "func" and is_seq2seq(model):
+        raise RftlabError("method='func' supports causal models only: under vmap, transformers' encoder mask checks "
                           "padding_mask.all() (data-dependent); use method='exact' for seq2seq (T5) models.")
+    if method == "fast" and is_seq2seq(model):
+        raise RftlabError("method='fast' supports causal models only (T5's relative-attention bias and RMS norm "
+                          "have no per-example rule); use method='exact' for seq2seq (T5) models.")
     selected = select_parameters(model, params)
     was_training = model.training
     model.eval()
     try:
-        if method == "exact":
-            a, b, rho, x_w, x_l = _stats_exact(model, prompts, chosen, rejected, selected)
-        else:
-            a, b, rho, x_w, x_l = _stats_fast(model, prompts, chosen, rejected, selected, chunk_size // 2)
+        impl = {"exact": _stats_exact, "fast": _stats_fast, "func": _stats_func}[method]
+        args = () if method == "exact" else (chunk_size // 2,)
+        a, b, rho, x_w, x_l = impl(model, prompts, chosen, rejected, selected, *args)
     finally:
         model.train(was_training)
     a, b, rho = (t.cpu().numpy() for t in (a, b, rho))
@@ -236,7 +263,7 @@ def _stats_exact(model: nn.Module, prompts: TokenIds, chosen: TokenIds, rejected
     return tuple(torch.stack(rows).T)
 
 
-def _stats_fast(model: nn.Module, prompts: TokenIds, chosen: TokenIds, rejected: TokenIds,
+def _stats_func(model: nn.Module, prompts: TokenIds, chosen: TokenIds, rejected: TokenIds,
                 selected: dict[str, nn.Parameter], pairs_per_chunk: int) -> tuple[torch.Tensor, ...]:
     """torch.func: vmap(grad) over chunks of pairs (chosen rows then rejected rows); a, b, ρ, x_w, x_l, (B,)."""
     from torch.func import functional_call, grad, vmap
@@ -273,6 +300,228 @@ def _stats_fast(model: nn.Module, prompts: TokenIds, chosen: TokenIds, rejected:
     finally:
         config._attn_implementation = saved
     return tuple(torch.cat(out, dim=1))
+
+
+# ------------------------------------------------------------------------------ hook-based (ghost) method
+_FORCE_PRODUCTS: Literal["gram", "materialise"] | None = None  # tests: force one product form for every weight
+# A factor of a per-example weight gradient G = Σ_t u_t v_tᵀ: ("dense", (N, L, d)) or ("index", ids (N, L), size).
+Factor = tuple[str, torch.Tensor, int]
+
+
+class _Term:
+    """One use of a 2-D parameter (rows × cols) in the forward: per-example gradient Σ_t u_t v_tᵀ, (N, rows, cols).
+
+    u and v are dense per-token vectors or, for an embedding's row index, token ids (the one-hot e_id, never
+    built). Linear (out, in): u = δ, v = x; Conv1D (in, out): u = x, v = δ; Embedding (V, H): u = ids, v = δ.
+    """
+
+    def __init__(self, u: Factor, v: Factor) -> None:
+        self.u, self.v = u, v
+        self.length = u[1].shape[1]
+
+    def materialise(self) -> torch.Tensor:
+        """The per-example gradients, (N, rows·cols) float32."""
+        (ku, u, du), (_, v, dv) = self.u, self.v
+        if ku == "index":  # scatter δ rows into (N, V, H): Σ_t e_{id_t} δ_tᵀ
+            out = torch.zeros(v.shape[0], du, dv, dtype=v.dtype, device=v.device)
+            return out.scatter_add_(1, u[..., None].expand(-1, -1, dv), v).flatten(1)
+        return torch.bmm(u.transpose(1, 2), v).flatten(1)
+
+    def materialise_cost(self) -> float:
+        n, du, dv = self.v[1].shape[0], self.u[2], self.v[2]
+        return n * du * dv * (1 if self.u[0] == "index" else self.length)
+
+
+def _factor_dot(f1: Factor, f2: Factor) -> torch.Tensor:
+    """Token-by-token dot products of two factors over the same M rows: (M, L1, L2) with [m, t, s] = f1_t · f2_s."""
+    (k1, a, _), (k2, b, _) = f1, f2
+    if k1 == "dense" and k2 == "dense":
+        return torch.bmm(a, b.transpose(1, 2))
+    if k1 == "index" and k2 == "index":
+        return (a[:, :, None] == b[:, None, :]).to(torch.float32)
+    if k1 == "dense":  # [m, t, s] = a[m, t, id_s]
+        return torch.gather(a, 2, b[:, None, :].expand(-1, a.shape[1], -1))
+    return torch.gather(b, 2, a[:, None, :].expand(-1, b.shape[1], -1)).transpose(1, 2)
+
+
+def _factor_cost(f1: Factor, f2: Factor) -> float:
+    return f1[2] if f1[0] == f2[0] == "dense" else 1.0
+
+
+def _rows(f: Factor, rows: slice) -> Factor:
+    return f[0], f[1][rows], f[2]
+
+
+def _gram_products(t1: _Term, t2: _Term, c: int, same_row: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """⟨G1_i, G2_i⟩ for all N = 2c rows, (N,), and ⟨G1_i, G2_{i+c}⟩ for the c pairs, (c,), float64.
+
+    ⟨Σ_t u_t v_tᵀ, Σ_s u'_s v'_sᵀ⟩ = Σ_{t,s} (u_t·u'_s)(v_t·v'_s): two (L × L') Gram matrices per row pair,
+    built with float32 bmm; their elementwise product is summed in float32 (cascade sum) per row, then float64.
+    """
+    every, first, second = slice(None), slice(0, c), slice(c, 2 * c)
+    out: list[torch.Tensor | None] = [] if same_row else [None]
+    for r1, r2 in ((every, every), (first, second))[0 if same_row else 1:]:
+        k_u = _factor_dot(_rows(t1.u, r1), _rows(t2.u, r2))
+        k_v = _factor_dot(_rows(t1.v, r1), _rows(t2.v, r2))
+        out.append((k_u * k_v).sum((1, 2)).double())
+    return out[0], out[1]
+
+
+class _Recorder:
+    """Forward hooks on the modules that own selected parameters; records inputs and outputs of each call."""
+
+    def __init__(self, lm: nn.Module, selected: dict[str, nn.Parameter]) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        wanted = {id(p): name for name, p in selected.items()}
+        covered: set[int] = set()
+        self.targets: list[tuple[nn.Module, str, list[tuple[str, nn.Parameter]]]] = []
+        kinds = {nn.Linear: "linear", Conv1D: "conv1d", nn.LayerNorm: "layernorm", nn.Embedding: "embedding"}
+        for _, module in lm.named_modules():
+            own = [(pn, p) for pn, p in module.named_parameters(recurse=False) if id(p) in wanted]
+            if not own:
+                continue
+            kind = kinds.get(type(module))
+            if kind == "embedding" and (module.max_norm is not None or module.sparse):
+                kind = None
+            if kind is None:
+                raise RftlabError(f"method='fast' has no per-example gradient rule for {type(module).__name__} "
+                                  f"(parameter {wanted[id(own[0][1])]!r}); use method='exact' (or 'func').")
+            self.targets.append((module, kind, own))
+            covered.update(id(p) for _, p in own)
+        missing = [name for pid, name in wanted.items() if pid not in covered]
+        if missing:
+            raise RftlabError(f"method='fast' cannot trace parameter {missing[0]!r} to a module that owns it; "
+                              "use method='exact' (or 'func').")
+        self.calls: list[tuple[nn.Module, str, list[tuple[str, nn.Parameter]], torch.Tensor, torch.Tensor]] = []
+        self.rows = 0
+        self.handles: list = []
+
+    def __enter__(self) -> _Recorder:
+        for module, kind, own in self.targets:
+            self.handles.append(module.register_forward_hook(self._hook(module, kind, own)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _hook(self, module: nn.Module, kind: str, own: list):
+        def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            x = inputs[0] if inputs else None
+            ok = (isinstance(output, torch.Tensor) and isinstance(x, torch.Tensor) and output.dim() == 3
+                  and output.shape[0] == self.rows and x.shape[:2] == output.shape[:2])
+            if not ok:
+                raise RftlabError(f"method='fast' expects {type(module).__name__} calls on (batch, tokens, ·) "
+                                  "tensors with the batch first; use method='exact' (or 'func').")
+            self.calls.append((module, kind, own, x.detach(), output))
+        return hook
+
+
+def _stats_fast(model: nn.Module, prompts: TokenIds, chosen: TokenIds, rejected: TokenIds,
+                selected: dict[str, nn.Parameter], pairs_per_chunk: int) -> tuple[torch.Tensor, ...]:
+    """Hook-based per-example inner products (see :func:`pair_gradient_stats`); a, b, ρ, x_w, x_l, each (B,)."""
+    lm = unwrap(model)
+    device = next(iter(selected.values())).device
+    pad = _pad_id(model)
+    recorder = _Recorder(lm, selected)
+    order = {id(p): i for i, p in enumerate(selected.values())}
+    out = []
+    for start in range(0, len(prompts), pairs_per_chunk):
+        part = slice(start, start + pairs_per_chunk)
+        c = len(prompts[part])
+        batch = _pad_batch(list(prompts[part]) * 2, list(chosen[part]) + list(rejected[part]), pad, False, device)
+        recorder.rows, recorder.calls = 2 * c, []
+        with torch.enable_grad(), recorder:
+            logp = _token_logprobs(model, *batch).sum(-1)  # (2c,): chosen rows, then rejected rows
+        calls = recorder.calls
+        recorder.calls = []
+        outputs = [call[-1] for call in calls]
+        # rows never interact (eval mode, per-row attention masks), so ∂(Σ_i logp_i)/∂output_i is row i's own
+        deltas = torch.autograd.grad(logp.sum(), outputs, allow_unused=True) if outputs else []
+        mask = torch.cat([batch[1], batch[3]], dim=1)
+        mask = None if bool(mask.all()) else mask.to(torch.float32)
+        terms: dict[int, list[_Term]] = {}
+        vectors: dict[int, torch.Tensor] = {}
+        for (module, kind, own, x, _), delta in zip(calls, deltas, strict=True):
+            if delta is None:
+                continue
+            # kept positions are the trailing ones (GPT-2's logits_to_keep); padding gets δ = 0
+            delta = delta.to(torch.float32)
+            if mask is not None:
+                delta = delta * mask[:, -delta.shape[1]:, None]
+            _add_call(module, kind, own, x, delta, terms, vectors)
+        acc = torch.zeros(3, c, dtype=torch.float64, device=device)
+        for key in sorted(vectors.keys() | terms.keys(), key=order.__getitem__):
+            if key in vectors:
+                g = vectors[key]
+                self_, cross = (g * g).sum(-1).double(), (g[:c] * g[c:]).sum(-1).double()
+            else:
+                self_, cross = _weight_products(terms[key], c)
+            acc += torch.stack([self_[:c], self_[c:], cross])
+        out.append(torch.cat([acc, logp.detach().double().view(2, c)]))
+    return tuple(torch.cat(out, dim=1))
+
+
+def _add_call(module: nn.Module, kind: str, own: list, x: torch.Tensor, delta: torch.Tensor,
+              terms: dict[int, list[_Term]], vectors: dict[int, torch.Tensor]) -> None:
+    """Per-example gradient pieces of one module call: 2-D weights as _Term, vectors materialised (N, numel)."""
+
+    def add_vector(p: nn.Parameter, g: torch.Tensor) -> None:
+        vectors[id(p)] = vectors[id(p)] + g if id(p) in vectors else g
+
+    dense_delta: Factor = ("dense", delta, delta.shape[-1])
+    for pname, p in own:
+        if kind == "embedding":  # weight (V, H): Σ_t e_{id_t} δ_tᵀ; the padding_idx row gets no gradient
+            ids = x
+            if module.padding_idx is not None:
+                delta = delta * (ids != module.padding_idx)[..., None]
+                dense_delta = ("dense", delta, delta.shape[-1])
+            term = _Term(("index", ids, module.num_embeddings), dense_delta)
+        elif kind == "layernorm":  # weight: Σ_t x̂_t ∘ δ_t; bias: Σ_t δ_t
+            if pname == "weight":
+                x_hat = torch.nn.functional.layer_norm(x.float(), module.normalized_shape, eps=module.eps)
+                add_vector(p, (x_hat * delta).sum(1).flatten(1))
+            else:
+                add_vector(p, delta.sum(1).flatten(1))
+            continue
+        elif pname == "bias":  # Linear / Conv1D bias: Σ_t δ_t
+            add_vector(p, delta.sum(1))
+            continue
+        elif kind == "linear":  # weight (out, in): Σ_t δ_t x_tᵀ
+            term = _Term(dense_delta, ("dense", x.float(), x.shape[-1]))
+        else:  # Conv1D weight (in, out): Σ_t x_t δ_tᵀ
+            term = _Term(("dense", x.float(), x.shape[-1]), dense_delta)
+        terms.setdefault(id(p), []).append(term)
+
+
+def _weight_products(terms: list[_Term], c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self (N,) and cross (c,) inner products of Σ_k G_k over the uses k of one 2-D parameter (tied: k = 2).
+
+    Per parameter, whichever is cheaper by a multiply-add count: materialise each row's gradient (bmm /
+    scatter, then dot products) or the Gram form over every ordered pair of uses (cross terms included).
+    """
+    n = 2 * c
+    numel = terms[0].u[2] * terms[0].v[2]
+    materialise = sum(t.materialise_cost() for t in terms) + 1.5 * n * numel
+    gram = sum(1.5 * n * t1.length * t2.length * (_factor_cost(t1.u, t2.u) + _factor_cost(t1.v, t2.v))
+               for t1 in terms for t2 in terms)
+    if _FORCE_PRODUCTS == "materialise" or (_FORCE_PRODUCTS is None and materialise <= gram):
+        g = terms[0].materialise()
+        for t in terms[1:]:
+            g += t.materialise()
+        return (g * g).sum(-1).double(), (g[:c] * g[c:]).sum(-1).double()
+    self_ = torch.zeros(n, dtype=torch.float64, device=terms[0].v[1].device)
+    cross = torch.zeros(c, dtype=torch.float64, device=self_.device)
+    for i, t1 in enumerate(terms):
+        for j, t2 in enumerate(terms):
+            # on the same row ⟨G_i, G_j⟩ = ⟨G_j, G_i⟩: counted twice at j > i; across rows both orders count
+            s, x = _gram_products(t1, t2, c, same_row=j >= i)
+            if s is not None:
+                self_ += s if i == j else 2 * s
+            cross += x
+    return self_, cross
 
 
 def token_gradient_cosines(model: nn.Module, prompt: Sequence[int], chosen: Sequence[int],

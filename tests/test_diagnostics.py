@@ -1,5 +1,6 @@
-"""Gradient-entanglement diagnostics: torch.func per-example gradients against an autograd loop, a hand-computed
-inner product, identical-response limits, parameter subsets and the per-token cosine matrix."""
+"""Gradient-entanglement diagnostics: the hook-based fast method (and the torch.func one) against an autograd loop
+— tied and untied heads, padding, parameter subsets, LoRA, both product forms —, a hand-computed inner product,
+identical-response limits, unsupported modules and the per-token cosine matrix."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import rftlab.diagnostics as diagnostics
 from rftlab.diagnostics import pair_gradient_stats, select_parameters, token_gradient_cosines
 from rftlab.errors import RftlabError
 from rftlab.models import LMConfig, build_model
@@ -17,6 +19,16 @@ from rftlab.tokenization import train_bpe_tokenizer
 TEXTS = ["the cat sat on the mat", "a dog ran far away from home", "hello world, again and again"]
 NUMERIC = ["norm_chosen", "norm_rejected", "inner", "cosine", "rho_over_a", "rho_over_b", "logp_chosen",
            "logp_rejected"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine OpenMP's spinning makes this
+    file ~6× slower; restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -168,5 +180,75 @@ def test_seq2seq_exact_only(tok) -> None:
     exact = pair_gradient_stats(model, prompts, chosen, chosen, method="exact")
     np.testing.assert_allclose(exact["cosine"], 1.0, rtol=1e-6)
     assert np.isfinite(exact[NUMERIC].to_numpy()).all() and (exact["regime"] == "both").all()
-    with pytest.raises(RftlabError, match="causal models only"):
-        pair_gradient_stats(model, prompts, chosen, rejected, method="fast")
+    for method in ("fast", "func"):
+        with pytest.raises(RftlabError, match="causal models only"):
+            pair_gradient_stats(model, prompts, chosen, rejected, method=method)
+
+
+def assert_matches(fast, exact) -> None:
+    np.testing.assert_allclose(fast[NUMERIC].to_numpy(), exact[NUMERIC].to_numpy(), rtol=1e-4, atol=1e-6)
+    assert list(fast["regime"]) == list(exact["regime"])
+
+
+@pytest.mark.parametrize(("params", "products"), [("all", None), ("all", "gram"), ("all", "materialise"),
+                                                  ("last", None), ("embeddings", "gram"),
+                                                  ("embeddings", "materialise"), ("wte_and_ln", None),
+                                                  ("attn", None)])
+def test_fast_matches_exact_tied_head(tok, monkeypatch, params: str, products: str | None) -> None:
+    """GPT-2 ties lm_head.weight to wte.weight: its gradient has an embedding and a head part (cross terms)."""
+    model = tiny(tok, 2, seed=21)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    spec = {"wte_and_ln": lambda n: n == "transformer.wte.weight" or ".ln_" in n,
+            "attn": lambda n: ".attn." in n}.get(params, params)
+    prompts, chosen, rejected = random_pairs(len(tok), 5, seed=22)
+    prompts[0] = prompts[0] + [7] * 8  # a long prompt: the others are left-padded further
+    chosen[1] = chosen[1] + [9] * 10  # a long response: right padding for the rest
+    monkeypatch.setattr(diagnostics, "_FORCE_PRODUCTS", products)
+    exact = pair_gradient_stats(model, prompts, chosen, rejected, params=spec, method="exact")
+    fast = pair_gradient_stats(model, prompts, chosen, rejected, params=spec, method="fast", chunk_size=4)
+    assert_matches(fast, exact)
+    assert model.training
+
+
+def test_fast_matches_exact_untied_head_and_func(tok) -> None:
+    model = tiny(tok, 1, seed=23)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() + 0.05 * torch.randn_like(
+        model.lm_head.weight))
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert "lm_head.weight" in select_parameters(model, "last")
+    prompts, chosen, rejected = random_pairs(len(tok), 4, seed=24)
+    for params in ("last", "all"):
+        exact = pair_gradient_stats(model, prompts, chosen, rejected, params=params, method="exact")
+        assert_matches(pair_gradient_stats(model, prompts, chosen, rejected, params=params), exact)
+    assert_matches(pair_gradient_stats(model, prompts, chosen, rejected, method="func", chunk_size=4), exact)  # all
+
+
+def test_fast_lora_with_trainable_head(tok) -> None:
+    """Adapters (nn.Linear inside peft's Conv1D wrapper) together with a trainable final norm and tied embedding."""
+    from rftlab.models import add_lora
+
+    model = add_lora(tiny(tok, 2, seed=25), r=2, dropout=0.0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            with torch.no_grad():
+                p.normal_(0, 0.1)
+        if "ln_f" in name or "wte" in name:
+            p.requires_grad_(True)
+    prompts, chosen, rejected = random_pairs(len(tok), 3, seed=26)
+    for params in ("all", "lora"):
+        exact = pair_gradient_stats(model, prompts, chosen, rejected, params=params, method="exact")
+        assert_matches(pair_gradient_stats(model, prompts, chosen, rejected, params=params), exact)
+
+
+def test_fast_rejects_unsupported_modules(tok) -> None:
+    model = tiny(tok, 1, seed=27)
+    model.transformer.ln_f = torch.nn.RMSNorm(32)  # no per-example rule for RMSNorm
+    prompts, chosen, rejected = random_pairs(len(tok), 2, seed=28)
+    with pytest.raises(RftlabError, match="RMSNorm.*method='exact'"):
+        pair_gradient_stats(model, prompts, chosen, rejected)
+    # not selected: nothing to hook there, so the fast method runs and agrees with the oracle
+    spec = "embeddings"
+    assert_matches(pair_gradient_stats(model, prompts, chosen, rejected, params=spec),
+                   pair_gradient_stats(model, prompts, chosen, rejected, params=spec, method="exact"))
+    assert model.training

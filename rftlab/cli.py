@@ -181,10 +181,12 @@ def run(
         if cfg != config.resolve(spec.config_cls, saved):  # a resumed run must match what it logged
             raise RftlabError(f"--resume continues {resume} with its saved config; drop the overrides "
                               f"({' '.join(words)}) or start a new run.")
+        spec.check(cfg)
         dev = runtime.resolve_device(device)
         handle = results.reopen_run(resume, argv)
     else:
         cfg = registry.preset_config(spec, preset, words, config_file)
+        spec.check(cfg)
         dev = runtime.resolve_device(device)
         handle = spec.new_run(cfg, preset=preset, out_root=out, device=dev, argv=argv)
     handle.device = dev

@@ -61,6 +61,7 @@ def build_model(cfg: LMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrained
         config._attn_implementation = cfg.attention
         config.loss_type = "ForCausalLM"  # named explicitly: transformers warns on every model built without it
         model = GPT2LMHeadModel(config)
+        model.loss_type = "ForCausalLM"  # the attribute transformers 5 reads (it leaves it None for GPT-2)
     elif cfg.arch == "t5":
         # T5 starts decoding from the pad token, as the original checkpoints do
         config = T5Config(d_model=cfg.n_embd, d_kv=cfg.n_embd // cfg.n_head, d_ff=d_ff, num_layers=cfg.n_layer,

@@ -28,7 +28,7 @@ class ExperimentSpec:
     figure: str  # the paper item it reproduces, e.g. "Thm 1", "Fig. 3"
     version: int  # bumped when results change meaning; plots refuse to mix versions
     cpu_runtime: str  # wall time of the default preset on a 2-core CPU, e.g. "~10 s"
-    module: ModuleType  # defines Config, run(cfg, run), plot(run_dirs, out_dir), METRICS
+    module: ModuleType  # defines Config, run(cfg, run), plot(run_dirs, out_dir), METRICS; optional check(cfg)
 
     @property
     def config_cls(self) -> type:
@@ -51,6 +51,13 @@ class ExperimentSpec:
         """First paragraph of the module docstring."""
         doc = inspect.getdoc(self.module) or ""
         return doc.split("\n\n")[0].replace("\n", " ")
+
+    def check(self, cfg) -> None:
+        """The module's optional ``check(cfg)``: cheap checks of its inputs (data files, model folders) that
+        raise RftlabError before a run folder is made, so bad input leaves nothing behind."""
+        check = getattr(self.module, "check", None)
+        if check is not None:
+            check(cfg)
 
     def new_run(self, cfg, *, preset: str, out_root: Path, device: str = "cpu", argv: list[str] = ()):
         """A fresh run folder of this experiment under ``out_root`` (see :func:`rftlab.results.create_run`)."""

@@ -68,6 +68,24 @@ def char_tokenizer(texts: Iterable[str], *,
     return _wrap(tokenizer, padding_side, unk_token=UNK)
 
 
+def word_tokenizer(texts: Iterable[str], *,
+                   padding_side: Literal["left", "right"] = "right") -> PreTrainedTokenizerFast:
+    """One token per whitespace-separated word seen in ``texts`` (sorted, after <pad>, <eos>, <unk>).
+
+    For template languages with a closed vocabulary (the sentiment task): every word, label and punctuation
+    mark is exactly one token, so "response = label + k shared tokens" holds token for token. Unseen words
+    map to <unk>; decoding joins tokens with single spaces.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = sorted(set().union(*(text.split() for text in texts)))
+    vocab = {tok: i for i, tok in enumerate([PAD, EOS, UNK, *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins tokens with spaces
+    return _wrap(tokenizer, padding_side, unk_token=UNK)
+
+
 def load_tokenizer(name_or_path: str, *, padding_side: Literal["left", "right"] | None = None,
                    allow_download: bool = False) -> PreTrainedTokenizerBase:
     """A Hugging Face tokenizer from a local folder, or by hub name from the local cache only.

@@ -266,41 +266,20 @@ def _generation(cfg: Config, task) -> dict:
 def _pretrained_model(cfg: Config, tasks: dict, run):
     """Tokenizer and pretrained policy: a loaded model (paper scale), or a small GPT-2 pretrained on the pooled
     topic-shifted corpora of the tasks, cached under ``<results>/_cache`` by a hash of everything it depends on."""
-    import torch
-
     from rftlab import models, tokenization
-    from rftlab.config import config_hash
     from rftlab.rl import train
 
     if cfg.model.name_or_path:
         tokenizer = tokenization.load_tokenizer(cfg.model.name_or_path)
         return tokenizer, models.build_model(cfg.model, tokenizer).to(run.device)
-    key = config_hash((cfg.tasks, cfg.model, cfg.pretrain, cfg.seed))
-    folder = run.cache_dir / f"grue-pretrained-{key}"
-    if (folder / "model.pt").exists():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = models.build_model(cfg.model, tokenizer)
-        model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
-        run.info(f"pretrained model from cache {folder}")
-        return tokenizer, model.to(run.device)
     texts = [t for i, task in enumerate(tasks.values()) for t in task.pretrain_texts(cfg.pretrain.texts_per_task,
                                                                                      seed=cfg.seed + i)]
     corpus = texts + [ex.prompt + " " + ex.references[0] for task in tasks.values() for ex in task.splits["train"]]
-    tokenizer = tokenization.train_bpe_tokenizer(corpus, cfg.pretrain.vocab_size)
-    model = models.build_model(cfg.model, tokenizer).to(run.device)
-    with run.progress(cfg.pretrain.steps, "pretrain LM") as bar:
-        history = train.lm_pretrain(model, tokenizer, texts, steps=cfg.pretrain.steps,
-                                    batch_size=cfg.pretrain.batch_size, lr=cfg.pretrain.lr,
-                                    max_length=cfg.pretrain.max_length, seed=cfg.seed, progress=bar)
-    run.info(f"pretraining loss {history[0]:.2f} → {sum(history[-20:]) / 20:.2f}")
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save(model.state_dict(), tmp / "model.pt")
-    tmp.rename(folder)
-    return tokenizer, model
+    p = cfg.pretrain
+    return train.cached_pretrained_lm(
+        run, "grue-pretrained", (cfg.tasks, cfg.model, cfg.pretrain, cfg.seed), cfg.model,
+        lambda: tokenization.train_bpe_tokenizer(corpus, p.vocab_size), lambda: texts, steps=p.steps,
+        batch_size=p.batch_size, lr=p.lr, max_length=p.max_length, seed=cfg.seed)
 
 
 def summarize(inputs):

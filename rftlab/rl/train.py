@@ -73,6 +73,42 @@ def lm_pretrain(model: nn.Module, tokenizer, texts: Sequence[str], *, steps: int
     return history
 
 
+def cached_pretrained_lm(run, name: str, key: object, model_cfg, make_tokenizer: Callable[[], object],
+                         texts: Callable[[], Sequence[str]], *, steps: int, batch_size: int, lr: float,
+                         max_length: int, seed: int):
+    """(tokenizer, model): a small LM built from ``model_cfg`` and pretrained by :func:`lm_pretrain` on
+    ``texts()``, cached under ``<results>/_cache/<name>-<hash of key>`` (tokenizer files + ``model.pt``).
+
+    ``key`` must contain everything the result depends on (data, model, pretraining settings, seed). The
+    folder is written under a temporary name and renamed, so a killed run never leaves a half-written cache.
+    """
+    from rftlab import models
+    from rftlab.config import config_hash
+
+    folder = run.cache_dir / f"{name}-{config_hash(key)}"
+    if (folder / "model.pt").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = models.build_model(model_cfg, tokenizer)
+        model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+        run.info(f"pretrained model from cache {folder}")
+        return tokenizer, model.to(run.device)
+    tokenizer = make_tokenizer()
+    model = models.build_model(model_cfg, tokenizer).to(run.device)
+    with run.progress(steps, "pretrain LM") as bar:
+        history = lm_pretrain(model, tokenizer, texts(), steps=steps, batch_size=batch_size, lr=lr,
+                              max_length=max_length, seed=seed, progress=bar)
+    if history:
+        run.info(f"pretraining loss {history[0]:.2f} → {np.mean(history[-20:]):.2f}")
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(model.state_dict(), tmp / "model.pt")
+    tmp.rename(folder)
+    return tokenizer, model
+
+
 def sft_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer, prompts: Sequence[str],
              references: Sequence[str], *, max_response_length: int | None = None) -> dict[str, float]:
     """One step of cross-entropy on (prompt, reference) pairs: −mean over response tokens of log π(y_t|x, y_<t)."""

@@ -1,0 +1,186 @@
+"""Preference finetuning of a language model on fixed pairs (DPO and the margin-loss family of
+``rftlab.preference``), with SFT on the chosen responses and the measurements logged around it.
+
+Pairs are tokenized once into a :class:`PreferenceData` (the layout of ``rftlab.rl.sampling.encode_pairs``:
+prompts left-padded for causal models, right-padded for seq2seq; responses right-padded). The reference
+log-probs log π_ref(y|x) are computed once per pair (:func:`with_reference`), not at every step: the reference
+is frozen, so recomputing them only costs time. Chosen and rejected go through the model in ONE forward of
+2N rows (:func:`pair_token_logps`).
+
+Metric names follow TRL's DPOTrainer where it has them: ``rewards/chosen`` = β(x_w − x_w^ref),
+``rewards/rejected`` = β(x_l − x_l^ref), ``rewards/margins`` (their difference), ``rewards/accuracies``
+(share with a positive margin), ``logps/chosen`` = x_w and ``logps/rejected`` = x_l (SUMMED over response
+tokens). rftlab adds ``logps/chosen_per_token``, ``logps/rejected_per_token`` (x/|y|) and ``logps/margin``
+(x_w − x_l, the margin without the reference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from rftlab.preference import preference_loss
+from rftlab.rl.sampling import encode_pairs, response_logprobs
+
+__all__ = ["PreferenceData", "encode_preferences", "evaluate", "pair_token_logps", "preference_step",
+           "sft_chosen_step", "with_reference"]
+
+
+@dataclass(frozen=True)
+class PreferenceData:
+    """N tokenized preference pairs (all tensors on one device)."""
+
+    prompt_ids: torch.Tensor  # (N, P)
+    prompt_mask: torch.Tensor  # (N, P)
+    chosen_ids: torch.Tensor  # (N, Tw) y_w, right-padded
+    chosen_mask: torch.Tensor  # (N, Tw)
+    rejected_ids: torch.Tensor  # (N, Tl) y_l, right-padded
+    rejected_mask: torch.Tensor  # (N, Tl)
+    ref_chosen: torch.Tensor | None = None  # (N,) log π_ref(y_w|x), summed
+    ref_rejected: torch.Tensor | None = None  # (N,) log π_ref(y_l|x), summed
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    @property
+    def len_chosen(self) -> torch.Tensor:
+        """|y_w| per pair, (N,) float."""
+        return self.chosen_mask.sum(-1).float()
+
+    @property
+    def len_rejected(self) -> torch.Tensor:
+        return self.rejected_mask.sum(-1).float()
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> PreferenceData:
+        """The pairs at ``index`` (any order, repeats allowed), padding columns trimmed to the longest kept."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.prompt_ids.device)
+        fields = {name: None if value is None else value[index] for name, value in self.__dict__.items()}
+        data = PreferenceData(**fields)
+        return data._trimmed()
+
+    def _trimmed(self) -> PreferenceData:
+        def width(mask: torch.Tensor) -> int:
+            return int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+
+        p_cols = self.prompt_mask.any(0).nonzero()  # causal prompts are left-padded: keep the used columns
+        p_lo, p_hi = (int(p_cols.min()), int(p_cols.max()) + 1) if len(p_cols) else (0, 1)
+        w, l = width(self.chosen_mask), width(self.rejected_mask)
+        return replace(self, prompt_ids=self.prompt_ids[:, p_lo:p_hi], prompt_mask=self.prompt_mask[:, p_lo:p_hi],
+                       chosen_ids=self.chosen_ids[:, :w], chosen_mask=self.chosen_mask[:, :w],
+                       rejected_ids=self.rejected_ids[:, :l], rejected_mask=self.rejected_mask[:, :l])
+
+    def token_lists(self) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+        """Unpadded (prompts, chosen, rejected) id lists, the input of ``rftlab.diagnostics``."""
+        def rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+            return [r[m.bool()].tolist() for r, m in zip(ids.cpu(), mask.cpu(), strict=True)]
+
+        return (rows(self.prompt_ids, self.prompt_mask), rows(self.chosen_ids, self.chosen_mask),
+                rows(self.rejected_ids, self.rejected_mask))
+
+    def to(self, device: torch.device | str) -> PreferenceData:
+        return PreferenceData(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
+
+
+def encode_preferences(tokenizer, prompts: Sequence[str], chosen: Sequence[str], rejected: Sequence[str], *,
+                       seq2seq: bool = False, add_eos: bool = False,
+                       max_prompt_length: int | None = None) -> PreferenceData:
+    """Tokenize N (prompt, chosen, rejected) string triples. ``add_eos`` appends EOS to both responses (a token
+    they then share; off by default so that a one-word response is exactly one token)."""
+    kw = {"seq2seq": seq2seq, "add_eos": add_eos, "max_prompt_length": max_prompt_length}
+    p_ids, p_mask, w_ids, w_mask = encode_pairs(tokenizer, prompts, chosen, **kw)
+    _, _, l_ids, l_mask = encode_pairs(tokenizer, prompts, rejected, **kw)
+    return PreferenceData(p_ids, p_mask, w_ids, w_mask, l_ids, l_mask)
+
+
+def pair_token_logps(model: nn.Module, data: PreferenceData) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log π(y_t|x, y_<t) of chosen (N, Tw) and rejected (N, Tl), 0 on padding, from one forward of
+    2N rows (responses padded to a common width). Differentiable; wrap in no_grad to score only."""
+    n, width = len(data), max(data.chosen_ids.shape[1], data.rejected_ids.shape[1])
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(t, (0, width - t.shape[1]))
+
+    responses = torch.cat([pad(data.chosen_ids), pad(data.rejected_ids)])
+    masks = torch.cat([pad(data.chosen_mask), pad(data.rejected_mask)])
+    logps = response_logprobs(model, data.prompt_ids.repeat(2, 1), data.prompt_mask.repeat(2, 1), responses, masks)
+    return logps[:n, : data.chosen_ids.shape[1]], logps[n:, : data.rejected_ids.shape[1]]
+
+
+def _sequence_logps(model: nn.Module, data: PreferenceData) -> tuple[torch.Tensor, torch.Tensor]:
+    lw, ll = pair_token_logps(model, data)
+    return lw.sum(-1), ll.sum(-1)
+
+
+@torch.no_grad()
+def with_reference(reference: nn.Module, data: PreferenceData, batch_size: int = 64) -> PreferenceData:
+    """``data`` with ``ref_chosen`` / ``ref_rejected`` = summed log-probs under the frozen ``reference``."""
+    was_training = reference.training
+    reference.eval()
+    parts = [_sequence_logps(reference, data.select(range(s, min(s + batch_size, len(data)))))
+             for s in range(0, len(data), batch_size)]
+    reference.train(was_training)
+    return replace(data, ref_chosen=torch.cat([p[0] for p in parts]), ref_rejected=torch.cat([p[1] for p in parts]))
+
+
+def _apply(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float) -> float:
+    """Backward, optional clipping, update; the pre-clip global gradient norm (no clipping when ≤ 0)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    return float(norm)
+
+
+def sft_chosen_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: PreferenceData,
+                    max_grad_norm: float = 1.0) -> dict[str, float]:
+    """One SFT step on the chosen responses: loss = −mean over chosen tokens of log π(y_w,t|x, y_w,<t)."""
+    lw = response_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.chosen_ids, batch.chosen_mask)
+    loss = -(lw.sum() / batch.chosen_mask.sum())
+    grad_norm = _apply(model, optimizer, loss, max_grad_norm)
+    return {"loss/sft": loss.item(), "grad_norm": grad_norm}
+
+
+def preference_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: PreferenceData, loss: str,
+                    hparams: dict[str, float] | None = None, max_grad_norm: float = 0.0) -> dict[str, float]:
+    """One optimizer step on the mean per-pair ``loss`` (a ``rftlab.preference`` name) over ``batch``.
+
+    ``batch`` needs reference log-probs for reference-anchored losses (:func:`with_reference`). Returns the
+    loss, the pre-clip gradient norm and the batch's TRL-style log-prob/reward means before the step.
+    """
+    x_w, x_l = _sequence_logps(model, batch)
+    per_pair = preference_loss(loss, x_w, x_l, batch.ref_chosen, batch.ref_rejected, batch.len_chosen,
+                               batch.len_rejected, **(hparams or {}))
+    value = per_pair.mean()
+    grad_norm = _apply(model, optimizer, value, max_grad_norm)
+    beta = (hparams or {}).get("beta", 0.1)
+    return {"loss": value.item(), "grad_norm": grad_norm,
+            **_summary(batch, x_w.detach(), x_l.detach(), beta)}
+
+
+def _summary(data: PreferenceData, x_w: torch.Tensor, x_l: torch.Tensor, beta: float) -> dict[str, float]:
+    out = {"logps/chosen": x_w.mean().item(), "logps/rejected": x_l.mean().item(),
+           "logps/chosen_per_token": (x_w / data.len_chosen).mean().item(),
+           "logps/rejected_per_token": (x_l / data.len_rejected).mean().item(),
+           "logps/margin": (x_w - x_l).mean().item()}
+    if data.ref_chosen is not None:
+        r_w, r_l = beta * (x_w - data.ref_chosen), beta * (x_l - data.ref_rejected)
+        out |= {"rewards/chosen": r_w.mean().item(), "rewards/rejected": r_l.mean().item(),
+                "rewards/margins": (r_w - r_l).mean().item(), "rewards/accuracies": (r_w > r_l).float().mean().item()}
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: PreferenceData, beta: float = 0.1,
+             batch_size: int = 64) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Held-out log-probs: (TRL-style means as in :func:`preference_step`, x_w (N,), x_l (N,))."""
+    was_training = model.training
+    model.eval()
+    parts = [_sequence_logps(model, data.select(range(s, min(s + batch_size, len(data)))))
+             for s in range(0, len(data), batch_size)]
+    model.train(was_training)
+    x_w, x_l = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return _summary(data, x_w, x_l, beta), x_w, x_l

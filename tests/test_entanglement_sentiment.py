@@ -122,3 +122,18 @@ def test_summary_matches_metrics(smoke: Path) -> None:
         assert row.chosen_start == pytest.approx(group["logps/chosen"].iloc[0])
         assert row.margin_change == pytest.approx(group["logps/margin"].iloc[-1] - group["logps/margin"].iloc[0])
         assert row.cosine_mean == pytest.approx(pd.to_numeric(group["grad/cosine"]).mean())
+
+
+@pytest.mark.slow
+def test_default_preset_claims(tmp_path: Path) -> None:
+    """The issue's claims on the default preset (≈ 4 min): per seed, the long-suffix chosen log-prob falls while
+    the margin rises, and both the chosen log-prob's fall and the initial gradient cosine grow with the shared
+    suffix (label < short-suffix < long-suffix)."""
+    proc = run_rftlab("run", "entanglement-sentiment", "--out", tmp_path, timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    summary = results.read_table(Path(proc.stdout.strip().splitlines()[-1]), "summary")
+    for _, group in summary.groupby("seed"):
+        by = group.set_index("variant")
+        assert by.chosen_change["long-suffix"] < 0 < by.margin_change["long-suffix"]
+        assert by.chosen_change["label"] > by.chosen_change["short-suffix"] > by.chosen_change["long-suffix"]
+        assert by.cosine_start["label"] < by.cosine_start["short-suffix"] < by.cosine_start["long-suffix"]

@@ -102,7 +102,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: LMConfig = field(default_factory=lambda: LMConfig(n_layer=2, n_embd=128, n_head=4, n_positions=64))
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    # 600 SFT steps: the label is learnt in every variant (held-out margin ≈ 7 nats at the start of DPO); with
+    # 300 the per-token SFT loss dilutes the label in long-suffix responses and DPO spends its first steps on it
+    sft: SFTStageConfig = field(default_factory=lambda: SFTStageConfig(steps=600))
     dpo: DPOConfig = field(default_factory=DPOConfig)
     seed: int = 0  # first seed; seeds seed … seed + n_seeds − 1 run in turn
     n_seeds: int = 3  # seeds (each: its own pretraining, data, SFT and DPO)
@@ -368,9 +370,22 @@ def _plot_curves(metrics, out_dir: Path, fmt: str) -> Path:
         ax.axis("off")
     _plot_changes(axes[0][3], summarize(metrics), variants)
     axes[1][3].axis("off")
+    axes[1][3].text(0, 0.95, _READING, transform=axes[1][3].transAxes, va="top", fontsize=8, wrap=True)
     fig.suptitle(f"DPO on sentiment pairs with a shared suffix ({n_seeds} seed{'s' * (n_seeds > 1)}; "
                  "band = min–max over seeds)")
     return plotting.save(fig, out_dir, "entanglement_sentiment", fmt)
+
+
+_READING = """Under DPO's gradient flow, with
+g_w = ∇ log π(y_w|x), g_l = ∇ log π(y_l|x),
+a = ‖g_w‖², b = ‖g_l‖², ρ = ⟨g_w, g_l⟩:
+  d log π(y_w|x) ∝ a − ρ,   d log π(y_l|x) ∝ ρ − b.
+Shared suffix tokens add a common component
+to g_w and g_l (cosine ↑), and the chosen
+log-prob falls while the margin grows.
+
+label: as π(y_w|x) → 1, a → 0, so ρ ≥ a holds
+late in training while log π(y_w|x) stays ≈ 0."""
 
 
 def _plot_changes(ax, summary, variants: list[str]) -> None:

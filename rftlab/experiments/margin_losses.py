@@ -65,7 +65,7 @@ METRICS = {
 
 
 @experiment(name="margin-losses", paper="Yuan et al. 2024", figure="Fig. 1–2, Table 2", version=1,
-            cpu_runtime="~3 min")
+            cpu_runtime="~4 min")
 @dataclass(frozen=True)
 class Config:
     model: LMConfig = field(default_factory=lambda: LMConfig(n_layer=2, n_embd=128, n_head=4, n_positions=128))

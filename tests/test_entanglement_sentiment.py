@@ -137,3 +137,35 @@ def test_default_preset_claims(tmp_path: Path) -> None:
         assert by.chosen_change["long-suffix"] < 0 < by.margin_change["long-suffix"]
         assert by.chosen_change["label"] > by.chosen_change["short-suffix"] > by.chosen_change["long-suffix"]
         assert by.cosine_start["label"] < by.cosine_start["short-suffix"] < by.cosine_start["long-suffix"]
+
+
+def test_a_run_killed_between_units_resumes_to_the_same_rows(tmp_path: Path) -> None:
+    from rftlab import registry
+    from rftlab.experiments import entanglement_sentiment as es
+
+    spec = registry.get("entanglement-sentiment")
+    cfg = registry.preset_config(spec, "smoke", [])
+    whole = spec.new_run(cfg, preset="smoke", out_root=tmp_path)
+    es.run(cfg, whole)
+    whole.finish("complete")
+    run = spec.new_run(cfg, preset="smoke", out_root=tmp_path)  # shares the cached pretrained model
+    save = run.save_checkpoint
+    calls = 0
+
+    def save_then_die(state):
+        nonlocal calls
+        save(state)
+        calls += 1
+        if calls == 2:  # after the short-suffix unit
+            raise KeyboardInterrupt
+
+    run.save_checkpoint = save_then_die
+    with pytest.raises(KeyboardInterrupt):
+        es.run(cfg, run)
+    run.finish("failed")
+    resumed = results.reopen_run(run.path, ["test", "--resume"])
+    es.run(cfg, resumed)
+    resumed.finish("complete")
+    pd.testing.assert_frame_equal(results.read_metrics(run.path), results.read_metrics(whole.path))
+    for table in ("summary", "pairs", "heatmaps"):
+        pd.testing.assert_frame_equal(results.read_table(run.path, table), results.read_table(whole.path, table))

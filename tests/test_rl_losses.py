@@ -285,3 +285,10 @@ def test_adaptive_kl_controller_follows_rl4lms_with_a_capped_step() -> None:
     assert ziegler.update(1.5, n_steps=2) == pytest.approx(1.0 + 0.2 * 2 / 10)
     fixed = losses.FixedKLController(0.3)
     assert fixed.update(100.0) == 0.3 and fixed.beta == 0.3
+
+
+def test_zero_std_groups_are_the_inputs_with_all_rewards_equal() -> None:
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 1e-7], [0.3, 0.3, 0.3], [0.0, 1.0, 0.0]])
+    assert losses.zero_std_groups(rewards).tolist() == [True, False, True, False]
+    share = losses.group_reward_stats(rewards)["frac_reward_zero_std"]
+    assert share == losses.zero_std_groups(rewards).double().mean().item() == 0.5

@@ -106,3 +106,88 @@ def test_ppo_step_runs_and_reports_trl_style_metrics(lm) -> None:
         assert np.isfinite(stats[key]), key
     # first minibatch pass starts at ratio 1: policy == reference at the rollout, so the KL is exactly 0
     assert stats["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def _prompt_stream(prompts, score):
+    """``draw(n)`` over a fixed cycle of prompts, each batch scored by ``score(prompt, text)``."""
+    position = 0
+
+    def draw(n):
+        nonlocal position
+        batch = [prompts[(position + i) % len(prompts)] for i in range(n)]
+        position += n
+        return batch, lambda index, texts: [score(batch[i], t) for i, t in zip(index, texts, strict=True)]
+
+    return draw
+
+
+def _trainable(base):
+    model = models.frozen_copy(base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def test_dynamic_sampling_without_the_filter_is_exactly_reinforce_step(lm) -> None:
+    tokenizer, base = lm
+    prompts = ["the cat", "a dog", "birds", "the sun"]
+    cfg = RFTConfig(algorithm="reinforce", k=3, batch_prompts=4, baseline="mean", normalize_std=True)
+    results = []
+    for use_filter_step in (False, True):
+        model = _trainable(base)
+        optimizer = train.optimizer_for(model, 1e-2)
+        torch.manual_seed(5)
+        if use_filter_step:
+            stats = train.dynamic_sampling_step(model, optimizer, tokenizer,
+                                                _prompt_stream(prompts, lambda p, t: length_score(None, [t])[0]),
+                                                cfg, GEN)
+        else:
+            stats = train.reinforce_step(model, optimizer, tokenizer, prompts, length_score, cfg, GEN)
+        results.append((stats, [p.detach().clone() for p in model.parameters()]))
+    (plain, after_plain), (dynamic, after_dynamic) = results
+    assert {k: dynamic[k] for k in plain} == plain
+    assert dynamic["samples"] == 12 and dynamic["filter/rounds"] == 1 and dynamic["filter/kept_prompts"] == 4
+    for a, b in zip(after_plain, after_dynamic, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_filtered_batches_hold_no_zero_std_group_and_count_every_sample(lm) -> None:
+    tokenizer, model = lm
+    # "the cat" and "a dog" always score 0.5 (zero std); the other prompts score by length (varying)
+    constant = {"the cat", "a dog"}
+    prompts = ["the cat", "birds", "a dog", "the sun", "the cat", "a dog"]
+
+    def score(prompt, text):
+        return 0.5 if prompt in constant else length_score(None, [text])[0]
+
+    cfg = RFTConfig(algorithm="reinforce", k=4, batch_prompts=3, baseline="mean", filter_zero_std=True,
+                    max_resample_rounds=5)
+    torch.manual_seed(0)
+    rounds = train.dynamic_sampling_rollouts(model, tokenizer, _prompt_stream(prompts, score), cfg, GEN)
+    kept_prompts = [p for rollout, _, keep in rounds for p, k in zip(rollout.prompts, keep.tolist(), strict=True) if k]
+    for _, rewards, keep in rounds:
+        assert not losses.zero_std_groups(rewards[keep]).any()  # no zero-std group survives the filter
+        assert torch.equal(keep, ~losses.zero_std_groups(rewards))  # and every varying one is kept
+    assert not constant & set(kept_prompts) and len(kept_prompts) <= cfg.batch_prompts
+    # each round draws only the missing prompts: 3, then 3 − kept, ...
+    drawn = [len(r.prompts) for r, _, _ in rounds]
+    kept = [int(keep.sum()) for _, _, keep in rounds]
+    assert drawn[0] == 3 and all(d == 3 - sum(kept[:i]) for i, d in enumerate(drawn))
+    # a sample budget caps the rounds: 5 samples allow one prompt × K=4
+    capped = train.dynamic_sampling_rollouts(model, tokenizer, _prompt_stream(prompts, score), cfg, GEN,
+                                             max_samples=5)
+    assert sum(len(r) for r, _, _ in capped) == 4
+
+
+def test_a_step_on_all_zero_std_groups_resamples_then_leaves_the_model_unchanged(lm) -> None:
+    tokenizer, base = lm
+    model = _trainable(base)
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = RFTConfig(algorithm="reinforce", k=3, batch_prompts=2, baseline="rloo", filter_zero_std=True,
+                    max_resample_rounds=2)
+    stats = train.dynamic_sampling_step(model, torch.optim.SGD(model.parameters(), lr=1.0), tokenizer,
+                                        _prompt_stream(["the cat", "a dog"], lambda p, t: 1.0), cfg, GEN)
+    assert stats["filter/rounds"] == 3 and stats["filter/kept_prompts"] == 0
+    assert stats["samples"] == 3 * 2 * 3 and stats["frac_reward_zero_std"] == 1.0 and stats["grad_norm"] == 0.0
+    for a, b in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -40,6 +40,7 @@ __all__ = [
     "reinforce_loss",
     "sft_loss",
     "token_entropy",
+    "zero_std_groups",
 ]
 
 Baseline = Literal["none", "mean", "rloo"]
@@ -100,6 +101,14 @@ def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _constant_groups(rewards: torch.Tensor) -> torch.Tensor:
     """(B, K) → (B,) bool: True where all K rewards of a prompt are equal (exactly, not up to rounding)."""
     return rewards.amax(-1) == rewards.amin(-1)
+
+
+def zero_std_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """(B, K) → (B,) bool: the inputs whose K rewards are all equal, which a mean or rloo baseline gives zero
+    advantage (TRL's ``frac_reward_zero_std`` is their share; DAPO's dynamic sampling drops them)."""
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (B, K), got shape {tuple(rewards.shape)}")
+    return _constant_groups(rewards)
 
 
 def reinforce_advantages(rewards: torch.Tensor, baseline: Baseline = "mean", normalize_std: bool = False,

@@ -47,3 +47,8 @@ class RFTConfig:
     kl_target: float = 1.0  # target KL of the adaptive controller (None-like 0 = fixed β)
     ent_coef: float = 0.0  # entropy bonus coefficient
     max_grad_norm: float = 0.5  # gradient clipping (RL4LMs: 0.5)
+    # REINFORCE with dynamic sampling (DAPO; verl ``algorithm.filter_groups``): drop inputs whose K rewards are
+    # all equal (zero advantage, zero gradient) and draw fresh prompts to refill the batch (read by
+    # rftlab.rl.train.dynamic_sampling_step; reinforce_step and ppo_step ignore it)
+    filter_zero_std: bool = False
+    max_resample_rounds: int = 3  # dynamic sampling: extra rollouts of fresh prompts per step, at most

@@ -1,8 +1,9 @@
 """One optimizer step of each finetuning method, and the per-input measurements around them.
 
 Experiments write their own loops over these steps (no trainer class): ``lm_pretrain`` (the stand-in for
-GPT-2/T5 pretraining), ``sft_step``, ``reinforce_step``, ``ppo_step``, then ``per_input_rewards`` and
-``expected_gradient_norms`` to measure where each input stands.
+GPT-2/T5 pretraining), ``sft_step``, ``reinforce_step`` (and ``dynamic_sampling_step``: REINFORCE with DAPO's
+filter of zero-variance groups), ``ppo_step``, then ``per_input_rewards`` and ``expected_gradient_norms`` to
+measure where each input stands.
 
 ``score`` arguments are callables ``score(prompt_index: list[int], completions: list[str]) -> list[float]``
 that reward completion i for prompt ``prompt_index[i]`` of the current batch.
@@ -21,7 +22,7 @@ from torch import nn
 
 from rftlab.models import is_seq2seq
 from rftlab.rl import losses
-from rftlab.rl.sampling import encode_pairs, response_forward, response_logprobs, sample, sequence_logprob
+from rftlab.rl.sampling import Rollout, encode_pairs, response_forward, response_logprobs, sample, sequence_logprob
 from rftlab.rl.settings import RFTConfig
 
 Score = Callable[[list[int], list[str]], list[float]]
@@ -138,6 +139,76 @@ def reinforce_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer
     grad_norm = _step(model, optimizer, loss, cfg.max_grad_norm)
     return {**losses.group_reward_stats(rewards), "loss/policy": loss.item(), "grad_norm": grad_norm,
             "completions/mean_length": rollout.lengths.float().mean().item()}
+
+
+Draw = Callable[[int], tuple[Sequence[str], Score]]
+
+
+def dynamic_sampling_rollouts(model: nn.Module, tokenizer, draw: Draw, cfg: RFTConfig, generation: dict,
+                              max_samples: int | None = None) -> list[tuple[Rollout, torch.Tensor, torch.Tensor]]:
+    """The rollouts of one REINFORCE step, with DAPO's dynamic sampling when ``cfg.filter_zero_std``.
+
+    ``draw(n)`` returns n fresh prompts and their ``score``. Round 0 samples K completions for
+    ``cfg.batch_prompts`` prompts. With the filter on, inputs whose K rewards are all equal (zero advantage
+    under a mean/rloo baseline, so zero gradient) are dropped, and up to ``cfg.max_resample_rounds`` further
+    rounds draw as many fresh prompts as are missing; the batch may stay short when the rounds run out
+    (DAPO instead fails; verl's ``max_num_gen_batches``). ``max_samples`` caps the completions sampled over
+    all rounds (a sample budget), so a round may draw fewer prompts, or none.
+
+    Returns one ``(rollout, rewards (B, K), keep (B,) bool)`` per round; ``keep`` is all True without the filter.
+    """
+    limit = float("inf") if max_samples is None else max_samples
+    rounds: list[tuple[Rollout, torch.Tensor, torch.Tensor]] = []
+    kept = sampled = 0
+    for _ in range(1 + (cfg.max_resample_rounds if cfg.filter_zero_std else 0)):
+        n = int(min(cfg.batch_prompts - kept, (limit - sampled) // cfg.k))
+        if n <= 0:
+            break
+        prompts, score = draw(n)
+        rollout = sample(model, tokenizer, prompts, cfg.k, temperature=cfg.temperature, **generation)
+        rewards = rollout.by_prompt(torch.tensor(score(rollout.prompt_index.tolist(), rollout.texts(tokenizer)),
+                                                 dtype=torch.float32))
+        keep = (~losses.zero_std_groups(rewards) if cfg.filter_zero_std
+                else torch.ones(len(prompts), dtype=torch.bool))
+        rounds.append((rollout, rewards, keep))
+        kept, sampled = kept + int(keep.sum()), sampled + len(rollout)
+    return rounds
+
+
+def dynamic_sampling_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer, draw: Draw,
+                          cfg: RFTConfig, generation: dict, max_samples: int | None = None) -> dict[str, float]:
+    """:func:`reinforce_step` on the rollouts of :func:`dynamic_sampling_rollouts`.
+
+    loss = −(1/(B_kept·K)) Σ_{kept x, k} A(x, k)·log π(y_k|x), advantages per input as in
+    :func:`reinforce_step`. Without the filter (one round, every input kept) it is exactly ``reinforce_step``
+    on ``draw(cfg.batch_prompts)``. When no input is kept the model is left as it is (no optimizer step).
+
+    Statistics: ``group_reward_stats`` over every sampled input (all rounds: each round is a fresh random draw
+    of prompts, so ``frac_reward_zero_std`` estimates the same share as without the filter), ``samples``
+    (completions sampled), ``filter/rounds`` and ``filter/kept_prompts`` (inputs in the update).
+    """
+    rounds = dynamic_sampling_rollouts(model, tokenizer, draw, cfg, generation, max_samples)
+    if not rounds:
+        raise ValueError("max_samples is smaller than K: no input can be sampled")
+    n_kept = sum(int(keep.sum()) for _, _, keep in rounds)
+    loss = None
+    for rollout, rewards, keep in rounds:
+        if not keep.any():
+            continue
+        rows = keep.repeat_interleave(cfg.k).to(rollout.response_ids.device)  # prompt-major rows of kept inputs
+        advantages = losses.reinforce_advantages(rewards[keep], cfg.baseline, cfg.normalize_std)
+        mask = rollout.response_mask[rows]
+        logprobs = response_logprobs(model, rollout.prompt_ids[rows], rollout.prompt_mask[rows],
+                                     rollout.response_ids[rows], mask, cfg.temperature)
+        seq_logprobs = sequence_logprob(logprobs, mask).view(-1, cfg.k)
+        part = losses.reinforce_loss(seq_logprobs, advantages.to(seq_logprobs.device)) * (int(keep.sum()) / n_kept)
+        loss = part if loss is None else loss + part
+    grad_norm = _step(model, optimizer, loss, cfg.max_grad_norm) if loss is not None else 0.0
+    rewards = torch.cat([r for _, r, _ in rounds])
+    return {**losses.group_reward_stats(rewards), "loss/policy": loss.item() if loss is not None else 0.0,
+            "grad_norm": grad_norm,
+            "completions/mean_length": torch.cat([r.lengths for r, _, _ in rounds]).float().mean().item(),
+            "samples": sum(len(r) for r, _, _ in rounds), "filter/rounds": len(rounds), "filter/kept_prompts": n_kept}
 
 
 def ppo_step(policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Optimizer, tokenizer,

@@ -191,3 +191,53 @@ def test_a_step_on_all_zero_std_groups_resamples_then_leaves_the_model_unchanged
     assert stats["samples"] == 3 * 2 * 3 and stats["frac_reward_zero_std"] == 1.0 and stats["grad_norm"] == 0.0
     for a, b in zip(before, model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+class _CacheRun:
+    """The slice of a run handle cached_pretrained_lm uses."""
+
+    def __init__(self, root) -> None:
+        self.cache_dir, self.device, self.messages = root, "cpu", []
+
+    def info(self, message: str) -> None:
+        self.messages.append(message)
+
+    def progress(self, total: int, description: str):
+        from rftlab.results import _SilentProgress
+
+        return _SilentProgress()
+
+
+def test_pretrained_cache_is_reused_and_a_run_that_finishes_second_takes_the_first_runs_copy(tmp_path) -> None:
+    cfg = LMConfig(n_layer=1, n_embd=16, n_head=2, n_positions=32)
+    args = dict(steps=3, batch_size=4, lr=1e-3, max_length=16, seed=0)
+
+    def make_tokenizer():
+        return tokenization.train_bpe_tokenizer(TEXTS, vocab_size=300)
+
+    first_run = _CacheRun(tmp_path)
+    _, first = train.cached_pretrained_lm(first_run, "lm", ("key",), cfg, make_tokenizer, lambda: TEXTS, **args)
+    assert not any("from cache" in m for m in first_run.messages)
+    _, again = train.cached_pretrained_lm(_CacheRun(tmp_path), "lm", ("key",), cfg, make_tokenizer, lambda: TEXTS,
+                                          **args)
+    for p, q in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+    # a second run with another key pretrains while a concurrent one publishes the same key first
+    (cache,) = [p for p in tmp_path.iterdir() if p.name.startswith("lm-")]
+
+    def texts_while_a_rival_publishes():
+        import shutil
+
+        from rftlab.config import config_hash
+
+        shutil.copytree(cache, tmp_path / f"lm-{config_hash(('other',))}")
+        return TEXTS[::-1]
+
+    late = _CacheRun(tmp_path)
+    _, model = train.cached_pretrained_lm(late, "lm", ("other",), cfg, make_tokenizer, texts_while_a_rival_publishes,
+                                          **args)
+    assert any("from cache" in m for m in late.messages)
+    for p, q in zip(first.state_dict().values(), model.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)  # the rival's (copied) weights, not its own
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # its temporary folder is gone

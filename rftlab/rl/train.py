@@ -15,6 +15,7 @@ of sampling and of training agree (gradients flow regardless of the mode).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -87,7 +88,8 @@ def cached_pretrained_lm(run, name: str, key: object, model_cfg, make_tokenizer:
     from rftlab.config import config_hash
 
     folder = run.cache_dir / f"{name}-{config_hash(key)}"
-    if (folder / "model.pt").exists():
+
+    def load_cached():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -95,6 +97,9 @@ def cached_pretrained_lm(run, name: str, key: object, model_cfg, make_tokenizer:
         model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
         run.info(f"pretrained model from cache {folder}")
         return tokenizer, model.to(run.device)
+
+    if (folder / "model.pt").exists():
+        return load_cached()
     tokenizer = make_tokenizer()
     model = models.build_model(model_cfg, tokenizer).to(run.device)
     with run.progress(steps, "pretrain LM") as bar:
@@ -102,11 +107,21 @@ def cached_pretrained_lm(run, name: str, key: object, model_cfg, make_tokenizer:
                               max_length=max_length, seed=seed, progress=bar)
     if history:
         run.info(f"pretraining loss {history[0]:.2f} → {np.mean(history[-20:]):.2f}")
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    import shutil
+    import tempfile
+
+    # a temporary folder of this process's own: runs started together pretrain side by side without clashing
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
     tokenizer.save_pretrained(tmp)
     torch.save(model.state_dict(), tmp / "model.pt")
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another run finished first: use its copy, so every run sharing the key sees the same model
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "model.pt").exists():
+            raise
+        return load_cached()
     return tokenizer, model
 
 

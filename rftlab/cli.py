@@ -70,7 +70,7 @@ def list_experiments(
         console.print(table)
         console.print("Details: rftlab list <name>.  Run: rftlab run <name> [--preset P] [key=value ...]")
         return
-    _describe(console, registry.get(name))
+    _describe(console, _spec_of(name))
 
 
 def _describe(console: Any, spec: Any) -> None:
@@ -87,8 +87,9 @@ def _describe(console: Any, spec: Any) -> None:
     console.print(f"[bold]{escape(spec.name)}[/bold] — {escape(spec.paper)}, {escape(spec.figure)} "
                   f"(version {spec.version})")
     console.print(escape(inspect.getdoc(spec.module) or ""))
-    console.print(f"\nPresets: {', '.join(registry.presets(spec.name)) or '(none)'}; "
-                  f"default preset on CPU: {spec.cpu_runtime}")
+    if spec.cpu_runtime:  # experiments; diagnoses have no presets
+        console.print(f"\nPresets: {', '.join(registry.presets(spec.name)) or '(none)'}; "
+                      f"default preset on CPU: {spec.cpu_runtime}")
     table = Table(title="config (rftlab run ... key=value)")
     for col in ("key", "type", "default", "meaning"):
         table.add_column(col)
@@ -209,6 +210,88 @@ def run(
     typer.echo(str(handle.path))
 
 
+diagnose_app = typer.Typer(
+    help="Diagnose your own model and data: prompts whose reward std (and so RL gradient) vanishes, and "
+    "preference pairs whose gradients are entangled.", no_args_is_help=True)
+app.add_typer(diagnose_app, name="diagnose")
+
+
+def _diagnose(kind: str, options: dict[str, Any], overrides: list[str] | None, out: Path, device: str,
+              fmt: str) -> None:
+    """Resolve ``diagnose <kind>``'s config (flags, then key=value words), run it, print its summary and the
+    run folder's path (last, as ``rftlab run`` does)."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from rftlab import config, diagnose, runtime
+
+    _check_format(fmt)
+    spec = diagnose.spec(kind)
+    flags = {k: v for k, v in options.items() if v is not None}
+    cfg = config.resolve(spec.config_cls, [("command-line flags", flags)], list(overrides or []))
+    dev = runtime.resolve_device(device)
+    with _progress_bars() as factory:
+        folder = diagnose.execute(kind, cfg, out_root=out, device=dev, argv=["rftlab", *sys.argv[1:]], fmt=fmt,
+                                  progress_factory=factory)
+    Console(stderr=True).print(Markdown((folder / "summary.md").read_text()))
+    typer.echo(str(folder))
+
+
+@diagnose_app.command("rewards")
+@_user_errors
+def diagnose_rewards(
+    model: str = typer.Option(None, "--model", "-m", help="Hub name (local cache), save_pretrained folder or "
+                              "PEFT adapter folder."),
+    prompts: str = typer.Option(None, "--prompts", help="Prompts: .jsonl/.csv/.parquet, datasets folder or name "
+                                "(column 'prompt'; strings or chat messages)."),
+    reward: str = typer.Option(None, "--reward", "-r", help="Registered reward (bleu, rouge_l_max, ...) or "
+                               "'module:function' taking prompts and completions."),
+    k: int = typer.Option(None, "-k", "--k", help="Samples per prompt (default 10)."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Tokens per completion (default 32)."),
+    adapter: str = typer.Option(None, "--adapter", help="PEFT adapter folder to apply to the model."),
+    label_budget: float = typer.Option(None, "--label-budget", help="SFT subset: share (< 1) or count of prompts "
+                                       "(default 0.01)."),
+    overrides: list[str] = typer.Argument(None, help="More settings as key=value (rftlab list shows none: see "
+                                          "the module docs, e.g. temperature=0.7 grad_prompts=64)."),
+    out: Path = typer.Option(Path("results"), "--out", "-o", help="Results root; the report goes to "
+                             "<out>/diagnose-rewards/<run-id>/."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    fmt: str = typer.Option("png", "--format", help="Figure format: png or pdf."),
+) -> None:
+    """Sample K completions per prompt and find the prompts whose reward std, and so RL gradient, vanishes
+    (Razin et al. 2024); recommend an SFT subset."""
+    _diagnose("rewards", {"model": model, "prompts": prompts, "reward": reward, "k": k,
+                          "max_new_tokens": max_new_tokens, "adapter": adapter, "label_budget": label_budget},
+              overrides, out, device, fmt)
+
+
+@diagnose_app.command("pairs")
+@_user_errors
+def diagnose_pairs(
+    model: str = typer.Option(None, "--model", "-m", help="Hub name (local cache), save_pretrained folder or "
+                              "PEFT adapter folder."),
+    pairs: str = typer.Option(None, "--pairs", help="Preference pairs: .jsonl/.csv/.parquet, datasets folder or "
+                              "name (columns prompt, chosen, rejected; strings or chat messages)."),
+    loss: str = typer.Option(None, "--loss", help="dpo, ipo, slic, rdpo, simpo, dpop, cpo, rpo, rrhf, orpo "
+                             "(default dpo)."),
+    params: str = typer.Option(None, "--params", help="Parameters the gradients live in: all, last, embeddings, "
+                               "lora (default all)."),
+    ref: str = typer.Option(None, "--ref", help="Reference model for the loss (default the model itself)."),
+    adapter: str = typer.Option(None, "--adapter", help="PEFT adapter folder to apply to the model."),
+    max_pairs: int = typer.Option(None, "--max-pairs", help="Diagnose a random subset of N pairs (default all)."),
+    overrides: list[str] = typer.Argument(None, help="More settings as key=value, e.g. "
+                                          "beta=0.1 (all: rftlab list diagnose-pairs)."),
+    out: Path = typer.Option(Path("results"), "--out", "-o", help="Results root; the report goes to "
+                             "<out>/diagnose-pairs/<run-id>/."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    fmt: str = typer.Option("png", "--format", help="Figure format: png or pdf."),
+) -> None:
+    """Measure per-pair gradient norms and inner products of chosen and rejected log-probs, and which pairs the
+    loss will push the wrong way (Yuan et al. 2024)."""
+    _diagnose("pairs", {"model": model, "pairs": pairs, "loss": loss, "params": params, "ref": ref,
+                        "adapter": adapter, "max_pairs": max_pairs}, overrides, out, device, fmt)
+
+
 def _check_format(fmt: str) -> None:
     if fmt not in ("png", "pdf"):
         raise RftlabError(f"unknown figure format {fmt!r}: use png or pdf.")
@@ -221,13 +304,13 @@ def plot(
     fmt: str = typer.Option("png", "--format", help="Figure format: png or pdf."),
 ) -> None:
     """Render figures from a run folder (or all complete runs of one experiment) without training."""
-    from rftlab import registry, results
+    from rftlab import results
 
     _check_format(fmt)
     runs = results.find_runs(folder)
     selected = select_runs(runs)
     metas = [results.read_json(r / results.CONFIG_FILE) for r in selected]
-    spec = registry.get(metas[0]["experiment"])
+    spec = _spec_of(metas[0]["experiment"])
     versions = {m["version"] for m in metas} | {spec.version}
     if len(versions) > 1:
         raise RftlabError(
@@ -237,6 +320,14 @@ def plot(
     out_dir = (folder if len(runs) > 1 or folder not in runs else selected[0]) / "figures"
     for fig in spec.plot(selected, out_dir, fmt):
         typer.echo(str(fig))
+
+
+def _spec_of(name: str) -> Any:
+    """The spec that made a run folder: an experiment, or a ``diagnose-<kind>`` report."""
+    from rftlab import diagnose, registry
+
+    kind = name.removeprefix("diagnose-")
+    return diagnose.spec(kind) if kind in diagnose.KINDS and kind != name else registry.get(name)
 
 
 def select_runs(runs: list[Path]) -> list[Path]:

@@ -18,7 +18,7 @@ the first EOS and 0 after (tokens after EOS are padding, whatever their id: GPT-
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
@@ -153,13 +153,13 @@ def _encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], 
 def sample(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], k: int = 1, *,
            max_new_tokens: int, min_new_tokens: int = 0, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, batch_size: int = 64, seed: int | None = None,
-           max_prompt_length: int | None = None) -> Rollout:
+           max_prompt_length: int | None = None, progress: Callable[[int], object] | None = None) -> Rollout:
     """Draw ``k`` responses for each prompt and score them under the policy (see the module docstring).
 
     ``batch_size`` prompts (batch_size·k sequences) go through each ``generate`` call and each scoring
     forward. ``seed`` fixes the draws without touching the global RNG (None: use and advance it).
     ``model`` is a Hugging Face LM, a peft-wrapped one, or a PolicyWithValue; it is put in eval mode while
-    sampling and restored after.
+    sampling and restored after. ``progress(n)`` is called after each chunk with its number of prompts.
     """
     seq2seq = is_seq2seq(model)
     device = next(model.parameters()).device
@@ -176,6 +176,8 @@ def sample(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequen
                 chunks.append(_sample_chunk(model, tokenizer, encoded["input_ids"].to(device),
                                             encoded["attention_mask"].to(device), k, seq2seq, max_new_tokens,
                                             min_new_tokens, temperature, top_k, top_p))
+                if progress is not None:
+                    progress(len(chunks[-1][0]) // k)
     finally:
         model.train(was_training)
     pad = tokenizer.pad_token_id

@@ -270,10 +270,12 @@ def ppo_step(policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Opt
 @torch.no_grad()
 def per_input_rewards(model: nn.Module, tokenizer, prompts: Sequence[str], score: Score, k: int,
                       generation: dict, *, temperature: float = 1.0, seed: int = 0,
-                      batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
-    """K sampled completions per prompt, scored: rewards (N, K) and the N·K texts (prompt-major)."""
+                      batch_size: int = 64, progress: Callable[[int], object] | None = None
+                      ) -> tuple[np.ndarray, list[str]]:
+    """K sampled completions per prompt, scored: rewards (N, K) and the N·K texts (prompt-major).
+    ``progress(n)`` is called as each chunk of n prompts is sampled."""
     rollout = sample(model, tokenizer, prompts, k, temperature=temperature, seed=seed, batch_size=batch_size,
-                     **generation)
+                     progress=progress, **generation)
     texts = rollout.texts(tokenizer)
     rewards = np.asarray(score(rollout.prompt_index.tolist(), texts), dtype=np.float64)
     return rewards.reshape(len(prompts), k), texts

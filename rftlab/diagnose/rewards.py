@@ -50,6 +50,7 @@ class Config:
     reward: str = ""  # a registered reward (bleu, rouge_l_max, ...) or a user function 'module:function'
     k: int = 10  # samples per prompt for the reward statistics (the paper: 10)
     max_new_tokens: int = 32  # tokens sampled per completion
+    min_new_tokens: int = 0  # no EOS before this many tokens
     temperature: float = 1.0  # sampling temperature τ
     top_k: int = 0  # top-k truncation (0 = none: the model's own distribution, which the theorem is about)
     top_p: float = 1.0  # nucleus truncation (1 = none)
@@ -139,7 +140,8 @@ def run(cfg: Config, run) -> None:
     rows = load_prompts(cfg.prompts, cfg.prompt_column, tokenizer, cfg.max_prompts)
     score = load_reward(cfg.reward, rows)
     prompts = [r.prompt for r in rows]
-    generation = {"max_new_tokens": cfg.max_new_tokens, "top_k": cfg.top_k, "top_p": cfg.top_p,
+    generation = {"max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.min_new_tokens, "top_k": cfg.top_k,
+                  "top_p": cfg.top_p,
                   "max_prompt_length": cfg.max_prompt_length or None}
     n_grad = min(cfg.grad_prompts, len(rows))
     with run.progress(len(rows) + n_grad, "diagnose rewards") as bar:
@@ -214,8 +216,10 @@ def summary_markdown(cfg: Config, table, headline: dict) -> str:
         rho = headline["grad_std_spearman"]
         lines += ["", f"Sampled gradient norms on {headline['n_grad']} prompts spread over the std range: Spearman "
                   f"correlation with the samples' reward std {rho:.2f}" + ("." if rho == rho else " (undefined).")]
-    lowest = table.sort_values(["reward_std", "reward_mean"]).head(10)
-    lines += ["", "## Lowest reward std", "", "| prompt_id | reward mean | reward std | prompt |", "|---|---|---|---|"]
+    wrong = table[table.reward_mean < table.reward_mean.mean()]
+    lowest = wrong.sort_values(["reward_std", "reward_mean"]).head(10)
+    lines += ["", "## Where the gradient vanishes: lowest reward std at below-average reward", "",
+              "| prompt_id | reward mean | reward std | prompt |", "|---|---|---|---|"]
     lines += [f"| {r.prompt_id} | {r.reward_mean:.3f} | {r.reward_std:.3f} | {clip(r.prompt)} |"
               for r in lowest.itertuples()]
     lines += ["", f"## Recommended SFT subset ({int(table.recommended.sum())} prompts, label budget "

@@ -105,8 +105,8 @@ def test_cli_end_to_end_matches_the_experiment_statistics(tmp_path, saved_model,
     # the oracle: the experiment code's per-input statistics on the same model, prompts, generation and seed
     model, tokenizer = inputs.load_model(str(saved_model))
     score = inputs.load_reward(f"{reward_module}:letter_share", inputs.load_prompts(str(prompts_file)))
-    expected, texts = train.per_input_rewards(model, tokenizer, PROMPTS, score, 6, {
-        "max_new_tokens": 8, "min_new_tokens": 0, "top_k": 0, "top_p": 1.0, "max_prompt_length": None}, seed=3, batch_size=32)
+    generation = {"max_new_tokens": 8, "min_new_tokens": 0, "top_k": 0, "top_p": 1.0, "max_prompt_length": None}
+    expected, texts = train.per_input_rewards(model, tokenizer, PROMPTS, score, 6, generation, seed=3, batch_size=32)
     np.testing.assert_allclose(np.stack(table.rewards), expected)
     np.testing.assert_allclose(table.reward_std, expected.std(1))
     np.testing.assert_allclose(table.reward_mean, expected.mean(1))

@@ -406,3 +406,31 @@ def pairwise_normalized(g_w: Tensor, g_l: Tensor, eps: float = 1e-12) -> Tensor:
     n_w = g_w.norm(dim=-1, keepdim=True).clamp_min(eps)
     n_l = g_l.norm(dim=-1, keepdim=True).clamp_min(eps)
     return g_w / n_w - g_l / n_l
+
+
+REGIMES = ("ideal", "chosen_down", "rejected_up", "both", "inactive")
+
+
+def classify_regimes(a, b, rho, p, q, rtol: float = 1e-5):
+    """Gradient-flow regime of each pair, (B,) strings, from a = ‖g_w‖², b = ‖g_l‖², ρ = ⟨g_w, g_l⟩ and the loss
+    partials p = −∂L/∂x_w, q = ∂L/∂x_l, all (B,) arrays.
+
+    dx_w ∝ p·a − q·ρ and dx_l ∝ p·ρ − q·b. With c_w = p/q, c_l = q/p (:func:`threshold_coefficients`): for q > 0 the
+    chosen falls iff ρ > c_w·a, for q < 0 iff ρ < c_w·a, for q = 0 iff p < 0; for p > 0 the rejected rises iff
+    ρ > c_l·b, for p < 0 iff ρ < c_l·b, for p = 0 iff q < 0. Ties within relative ``rtol`` of the threshold count
+    as crossing it, as in ``rftlab.diagnostics.pair_gradient_stats`` (so with c = 1 the result equals its
+    ``regime`` column). "inactive": p = q = 0 (or nan), the loss exerts no force on the pair (a satisfied hinge).
+    Otherwise "ideal", "chosen_down", "rejected_up" or "both", exactly one per pair.
+    """
+    import numpy as np
+
+    a, b, rho, p, q = (np.asarray(v, dtype=np.float64) for v in (a, b, rho, p, q))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_w, t_l = (p / q) * a, (q / p) * b
+        chosen_down = np.where(q > 0, rho >= t_w - rtol * np.abs(t_w),
+                               np.where(q < 0, rho <= t_w + rtol * np.abs(t_w), (p < 0) & (a > 0)))
+        rejected_up = np.where(p > 0, rho >= t_l - rtol * np.abs(t_l),
+                               np.where(p < 0, rho <= t_l + rtol * np.abs(t_l), (q < 0) & (b > 0)))
+    inactive = ((p == 0) & (q == 0)) | np.isnan(p) | np.isnan(q)
+    return np.select([inactive, chosen_down & rejected_up, chosen_down, rejected_up],
+                     ["inactive", "both", "chosen_down", "rejected_up"], "ideal")

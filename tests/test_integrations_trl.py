@@ -29,14 +29,12 @@ from rftlab.errors import RftlabError  # noqa: E402
 from rftlab.integrations.trl import (  # noqa: E402
     PAIR_TABLE,
     PROMPT_TABLE,
-    REGIMES,
     PairGradientCallback,
     RewardStdCallback,
-    classify_regimes,
     dpo_loss_method,
     group_std_stats,
 )
-from rftlab.preference import predicted_changes  # noqa: E402
+from rftlab.preference import REGIMES, classify_regimes, predicted_changes  # noqa: E402
 from rftlab.tokenization import char_tokenizer, word_tokenizer  # noqa: E402
 
 PAIRS = [  # at init pair 2 is entangled (ρ > a: the chosen falls); pair 3's responses are identical (ρ = a = b)

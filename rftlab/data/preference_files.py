@@ -26,6 +26,7 @@ class PreferencePair:
     prompt: str
     chosen: str
     rejected: str
+    row: int = -1  # the row of the source file it came from
 
 
 def load_preference_pairs(path: str | Path, n: int = 0, seed: int = 0, tokenizer=None) -> list[PreferencePair]:
@@ -33,15 +34,14 @@ def load_preference_pairs(path: str | Path, n: int = 0, seed: int = 0, tokenizer
     chat template renders conversational rows."""
     rows = read_records(path, "preference pairs")
     require_columns(rows, COLUMNS, path, "preference pairs")
-    if 0 < n < len(rows):
-        keep = sorted(random.Random(seed).sample(range(len(rows)), n))
-        rows = [rows[i] for i in keep]
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n)) if 0 < n < len(rows) else range(len(rows))
     pairs = []
-    for i, row in enumerate(rows):
+    for i in keep:
+        row = rows[i]
         try:
             prompt, (chosen, rejected) = prompt_and_completions(row["prompt"], [row["chosen"], row["rejected"]],
                                                                 tokenizer)
         except ValueError as err:
             raise RftlabError(f"{path}, row {i}: {err}.") from None
-        pairs.append(PreferencePair(prompt, chosen, rejected))
+        pairs.append(PreferencePair(prompt, chosen, rejected, i))
     return pairs

@@ -32,6 +32,16 @@ class PromptRow:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def check_path(what: str, value: str, folder: bool = False) -> None:
+    """Before any loading: a path (not a hub name) must exist. Hub names start with a letter, hold at most one
+    '/' and no file suffix; anything else is a path the user meant to exist."""
+    path = Path(value).expanduser()
+    if path.exists() or not (value.startswith(("/", ".", "~")) or value.count("/") > 1 or path.suffix):
+        return
+    hint = "a folder saved with save_pretrained()" if folder else "a .jsonl/.csv/.parquet file or a datasets folder"
+    raise RftlabError(f"{what} {value!r} does not exist: pass {hint}.")
+
+
 def adapter_base(name_or_path: str) -> str | None:
     """The base model named by a PEFT adapter folder's ``adapter_config.json``, or None if it is not one."""
     config = Path(name_or_path).expanduser() / "adapter_config.json"

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from rftlab.diagnose.inputs import check_path
 from rftlab.errors import RftlabError
 
 VERSION = 1
@@ -78,22 +79,13 @@ def check(cfg: Config) -> None:
     for flag, value in (("--model", cfg.model), ("--prompts", cfg.prompts), ("--reward", cfg.reward)):
         if not value:
             raise RftlabError(f"diagnose rewards needs {flag} (see `rftlab diagnose rewards --help`).")
-    _check_path("prompts", cfg.prompts)
-    _check_path("model", cfg.model, folder=True)
+    check_path("prompts", cfg.prompts)
+    check_path("model", cfg.model, folder=True)
     if cfg.adapter:
-        _check_path("adapter", cfg.adapter, folder=True)
+        check_path("adapter", cfg.adapter, folder=True)
     from rftlab import rewards
 
     rewards.get_reward(cfg.reward)  # an unknown name or an import error fails here, before any sampling
-
-
-def _check_path(what: str, value: str, folder: bool = False) -> None:
-    """Paths (not hub names) must exist: names start with a letter and hold at most one '/'."""
-    path = Path(value).expanduser()
-    if path.exists() or not (value.startswith(("/", ".", "~")) or value.count("/") > 1 or path.suffix):
-        return
-    hint = "a folder saved with save_pretrained()" if folder else "a .jsonl/.csv/.parquet file or a datasets folder"
-    raise RftlabError(f"{what} {value!r} does not exist: pass {hint}.")
 
 
 def label_budget(cfg: Config, n: int) -> int:

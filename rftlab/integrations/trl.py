@@ -62,16 +62,16 @@ import numpy as np
 from transformers import Trainer, TrainerCallback
 
 from rftlab.errors import RftlabError
+from rftlab.preference import REGIMES, classify_regimes
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
 
-__all__ = ["PairGradientCallback", "RewardStdCallback", "classify_regimes", "dpo_loss_method", "group_std_stats"]
+__all__ = ["PairGradientCallback", "RewardStdCallback", "dpo_loss_method", "group_std_stats"]
 
 PAIR_TABLE = "rftlab/pair_gradients.parquet"
 PROMPT_TABLE = "rftlab/prompt_rewards.parquet"
-REGIMES = ("ideal", "chosen_down", "rejected_up", "both", "inactive")
 
 # Tokenized columns of DPOTrainer's processed dataset: TRL >= 1.0, then the 0.x layout.
 _ID_COLUMNS = (("prompt_ids", "chosen_ids", "rejected_ids"),
@@ -249,28 +249,6 @@ def _sequence_logps(model: torch.nn.Module, prompts: list, responses: list, chun
             batch = _pad_batch(prompts[part], responses[part], 0 if pad is None else int(pad), False, device)
             out.append(response_logprobs(model, *batch).sum(-1).double().cpu())
     return torch.cat(out).numpy()
-
-
-def classify_regimes(a: np.ndarray, b: np.ndarray, rho: np.ndarray, p: np.ndarray, q: np.ndarray,
-                     rtol: float = 1e-5) -> np.ndarray:
-    """Gradient-flow regime of each pair, (B,) strings, from a, b, ρ and the loss partials p = −∂L/∂x_w, q = ∂L/∂x_l.
-
-    dx_w ∝ p·a − q·ρ and dx_l ∝ p·ρ − q·b. With c_w = p/q, c_l = q/p: for q > 0 the chosen falls iff ρ > c_w·a, for
-    q < 0 iff ρ < c_w·a, for q = 0 iff p < 0; for p > 0 the rejected rises iff ρ > c_l·b, for p < 0 iff ρ < c_l·b,
-    for p = 0 iff q < 0. Ties within relative ``rtol`` of the threshold count as crossing it, as in
-    ``pair_gradient_stats`` (so with c = 1 the result equals its ``regime`` column). "inactive": p = q = 0 (or nan),
-    the loss exerts no force on the pair (a satisfied hinge). Otherwise "ideal", "chosen_down", "rejected_up" or
-    "both", exactly one per pair.
-    """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t_w, t_l = (p / q) * a, (q / p) * b
-        chosen_down = np.where(q > 0, rho >= t_w - rtol * np.abs(t_w),
-                               np.where(q < 0, rho <= t_w + rtol * np.abs(t_w), (p < 0) & (a > 0)))
-        rejected_up = np.where(p > 0, rho >= t_l - rtol * np.abs(t_l),
-                               np.where(p < 0, rho <= t_l + rtol * np.abs(t_l), (q < 0) & (b > 0)))
-    inactive = ~((p != 0) | (q != 0)) | np.isnan(p) | np.isnan(q)
-    return np.select([inactive, chosen_down & rejected_up, chosen_down, rejected_up],
-                     ["inactive", "both", "chosen_down", "rejected_up"], "ideal")
 
 
 class PairGradientCallback(TrainerCallback):

@@ -76,3 +76,35 @@ def copy_of_smoke_run(smoke_run: Path, tmp_path: Path) -> Path:
     target = tmp_path / "theorem-bound" / smoke_run.name
     shutil.copytree(smoke_run, target)
     return target
+
+
+def run_killed_then_resumed(spec, cfg, out_root: Path, kill_after: int,
+                            after_kill: Callable[[Path], None] | None = None) -> Path:
+    """Run an experiment as a kill between two of its units would leave it, then ``--resume`` it to the end.
+
+    The run handle's ``save_checkpoint`` raises KeyboardInterrupt right after its ``kill_after``-th checkpoint
+    is saved (a SIGKILL there loses nothing more); the folder is marked failed, ``after_kill(folder)`` may look
+    at what was left, and the run is reopened and finished. Returns the run folder, to compare with an
+    uninterrupted run of the same config.
+    """
+    from rftlab import results
+
+    run = spec.new_run(cfg, preset="smoke", out_root=out_root)
+    save, saved = run.save_checkpoint, []
+
+    def save_then_die(state):
+        save(state)
+        saved.append(1)
+        if len(saved) == kill_after:
+            raise KeyboardInterrupt
+
+    run.save_checkpoint = save_then_die
+    with pytest.raises(KeyboardInterrupt):
+        spec.run(cfg, run)
+    run.finish("failed")
+    if after_kill is not None:
+        after_kill(run.path)
+    resumed = results.reopen_run(run.path, ["test", "--resume"])
+    spec.run(cfg, resumed)
+    resumed.finish("complete")
+    return run.path

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_rftlab
+from conftest import run_killed_then_resumed, run_rftlab
 
 from rftlab import results
 from rftlab.data import sentiment
@@ -148,24 +148,7 @@ def test_a_run_killed_between_units_resumes_to_the_same_rows(tmp_path: Path) -> 
     whole = spec.new_run(cfg, preset="smoke", out_root=tmp_path)
     es.run(cfg, whole)
     whole.finish("complete")
-    run = spec.new_run(cfg, preset="smoke", out_root=tmp_path)  # shares the cached pretrained model
-    save = run.save_checkpoint
-    calls = 0
-
-    def save_then_die(state):
-        nonlocal calls
-        save(state)
-        calls += 1
-        if calls == 2:  # after the short-suffix unit
-            raise KeyboardInterrupt
-
-    run.save_checkpoint = save_then_die
-    with pytest.raises(KeyboardInterrupt):
-        es.run(cfg, run)
-    run.finish("failed")
-    resumed = results.reopen_run(run.path, ["test", "--resume"])
-    es.run(cfg, resumed)
-    resumed.finish("complete")
-    pd.testing.assert_frame_equal(results.read_metrics(run.path), results.read_metrics(whole.path))
+    path = run_killed_then_resumed(spec, cfg, tmp_path, kill_after=2)  # after the short-suffix unit
+    pd.testing.assert_frame_equal(results.read_metrics(path), results.read_metrics(whole.path))
     for table in ("summary", "pairs", "heatmaps"):
-        pd.testing.assert_frame_equal(results.read_table(run.path, table), results.read_table(whole.path, table))
+        pd.testing.assert_frame_equal(results.read_table(path, table), results.read_table(whole.path, table))

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_killed_then_resumed
 
 from rftlab import registry, results
 from rftlab.errors import RftlabError
@@ -62,26 +63,10 @@ def test_metrics_use_trl_names(smoke: Path) -> None:
 
 def test_a_run_killed_between_stages_resumes_to_the_same_tables(smoke: Path) -> None:
     spec, cfg = smoke_config()
-    run = spec.new_run(cfg, preset="smoke", out_root=smoke.parent.parent)  # shares the cached pretrained model
-    save = run.save_checkpoint
-    calls = 0
-
-    def save_then_die(state):
-        nonlocal calls
-        save(state)
-        calls += 1
-        if calls == 3:  # after iwslt/sft
-            raise KeyboardInterrupt
-
-    run.save_checkpoint = save_then_die
-    with pytest.raises(KeyboardInterrupt):
-        grue.run(cfg, run)
-    run.finish("failed")
-    resumed = results.reopen_run(run.path, ["test", "--resume"])
-    grue.run(cfg, resumed)
-    resumed.finish("complete")
-    pd.testing.assert_frame_equal(results.read_table(run.path, "inputs"), results.read_table(smoke, "inputs"))
-    pd.testing.assert_frame_equal(results.read_metrics(run.path), results.read_metrics(smoke))
+    # killed after iwslt/sft; shares the smoke run's cached pretrained model
+    path = run_killed_then_resumed(spec, cfg, smoke.parent.parent, kill_after=3)
+    pd.testing.assert_frame_equal(results.read_table(path, "inputs"), results.read_table(smoke, "inputs"))
+    pd.testing.assert_frame_equal(results.read_metrics(path), results.read_metrics(smoke))
 
 
 def test_real_data_without_files_names_what_to_download(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import run_killed_then_resumed
 
 from rftlab import registry, results
 from rftlab.errors import RftlabError
@@ -81,27 +82,15 @@ def test_every_setting_logs_its_own_ppo_run(smoke: Path) -> None:
 
 def test_a_killed_sweep_resumes_to_the_same_tables(smoke: Path) -> None:
     spec, cfg = smoke_config()
-    run = spec.new_run(cfg, preset="smoke", out_root=smoke.parent.parent)  # shares the cached pretrained model
-    save, calls = run.save_checkpoint, []
+    def parts_left(folder: Path) -> None:  # killed after totto/lr_x10: the finished units are on disk
+        assert sorted(p.name for p in (folder / "parts").iterdir()) == [
+            "totto-lr_x10.parquet", "totto-pretrained.parquet", "totto-rft.parquet"]
 
-    def save_then_die(state):
-        save(state)
-        calls.append(1)
-        if len(calls) == 3:  # after totto/lr_x10
-            raise KeyboardInterrupt
-
-    run.save_checkpoint = save_then_die
-    with pytest.raises(KeyboardInterrupt):
-        remedies.run(cfg, run)
-    run.finish("failed")
-    assert sorted(p.name for p in (run.path / "parts").iterdir()) == [
-        "totto-lr_x10.parquet", "totto-pretrained.parquet", "totto-rft.parquet"]
-    resumed = results.reopen_run(run.path, ["test", "--resume"])
-    remedies.run(cfg, resumed)
-    resumed.finish("complete")
+    # shares the smoke run's cached pretrained model
+    path = run_killed_then_resumed(spec, cfg, smoke.parent.parent, kill_after=3, after_kill=parts_left)
     for name in ("settings", "inputs"):
-        pd.testing.assert_frame_equal(results.read_table(run.path, name), results.read_table(smoke, name))
-    pd.testing.assert_frame_equal(results.read_metrics(run.path), results.read_metrics(smoke))
+        pd.testing.assert_frame_equal(results.read_table(path, name), results.read_table(smoke, name))
+    pd.testing.assert_frame_equal(results.read_metrics(path), results.read_metrics(smoke))
 
 
 def test_plot_renders_the_table_and_the_small_std_shares(smoke: Path) -> None:

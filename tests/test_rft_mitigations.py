@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_killed_then_resumed
 
 from rftlab import registry, results
 from rftlab.errors import RftlabError
@@ -101,27 +102,11 @@ def test_select_labelled_breaks_std_ties_by_the_lowest_mean() -> None:
 
 def test_a_run_killed_between_methods_resumes_to_the_same_rows(smoke: Path) -> None:
     spec, cfg = smoke_config()
-    run = spec.new_run(cfg, preset="smoke", out_root=smoke.parent.parent)  # shares the cached pretrained model
-    save = run.save_checkpoint
-    calls = 0
-
-    def save_then_die(state):
-        nonlocal calls
-        save(state)
-        calls += 1
-        if calls == 4:  # after seed 0: initial, grpo, dr_grpo, grpo_filter
-            raise KeyboardInterrupt
-
-    run.save_checkpoint = save_then_die
-    with pytest.raises(KeyboardInterrupt):
-        rm.run(cfg, run)
-    run.finish("failed")
-    resumed = results.reopen_run(run.path, ["test", "--resume"])
-    rm.run(cfg, resumed)
-    resumed.finish("complete")
+    # killed after seed 0 (initial, grpo, dr_grpo, grpo_filter); shares the smoke run's cached pretrained model
+    path = run_killed_then_resumed(spec, cfg, smoke.parent.parent, kill_after=4)
     for table in ("methods", "inputs", "labelled"):
-        pd.testing.assert_frame_equal(results.read_table(run.path, table), results.read_table(smoke, table))
-    pd.testing.assert_frame_equal(results.read_metrics(run.path), results.read_metrics(smoke))
+        pd.testing.assert_frame_equal(results.read_table(path, table), results.read_table(smoke, table))
+    pd.testing.assert_frame_equal(results.read_metrics(path), results.read_metrics(smoke))
 
 
 def test_plot_writes_the_figure(smoke: Path, tmp_path: Path) -> None:

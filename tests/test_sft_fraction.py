@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import run_killed_then_resumed
 
 from rftlab import registry, results
 from rftlab.errors import RftlabError
@@ -77,25 +78,11 @@ def test_each_setting_runs_its_own_sft_then_the_same_rft(smoke: Path) -> None:
 
 def test_a_killed_sweep_resumes_to_the_same_tables(smoke: Path) -> None:
     spec, cfg = smoke_config()
-    run = spec.new_run(cfg, preset="smoke", out_root=smoke.parent.parent)  # shares the cached pretrained model
-    save, calls = run.save_checkpoint, []
-
-    def save_then_die(state):
-        save(state)
-        calls.append(1)
-        if len(calls) == 3:  # after the SFT of the first grid cell, before its RFT
-            raise KeyboardInterrupt
-
-    run.save_checkpoint = save_then_die
-    with pytest.raises(KeyboardInterrupt):
-        sft_fraction.run(cfg, run)
-    run.finish("failed")
-    resumed = results.reopen_run(run.path, ["test", "--resume"])
-    sft_fraction.run(cfg, resumed)
-    resumed.finish("complete")
+    # killed after the SFT of the first grid cell, before its RFT; shares the smoke run's cached pretrained model
+    path = run_killed_then_resumed(spec, cfg, smoke.parent.parent, kill_after=3)
     for name in ("grid", "inputs"):
-        pd.testing.assert_frame_equal(results.read_table(run.path, name), results.read_table(smoke, name))
-    pd.testing.assert_frame_equal(results.read_metrics(run.path), results.read_metrics(smoke))
+        pd.testing.assert_frame_equal(results.read_table(path, name), results.read_table(smoke, name))
+    pd.testing.assert_frame_equal(results.read_metrics(path), results.read_metrics(smoke))
 
 
 def test_plot_renders_the_heatmap_and_the_std_distributions(smoke: Path) -> None:

@@ -4,8 +4,10 @@
 Pairs are tokenized once into a :class:`PreferenceData` (the layout of ``rftlab.rl.sampling.encode_pairs``:
 prompts left-padded for causal models, right-padded for seq2seq; responses right-padded). The reference
 log-probs log π_ref(y|x) are computed once per pair (:func:`with_reference`), not at every step: the reference
-is frozen, so recomputing them only costs time. Chosen and rejected go through the model in ONE forward of
-2N rows (:func:`pair_token_logps`).
+is frozen, so recomputing them only costs time. Chosen and rejected go through the model in ONE forward
+(:func:`pair_token_logps`): for a plain GPT-2 on the CPU the fused path of ``rftlab.rl.fast_gpt2`` runs each
+prompt once for both responses, packs out the padding and scores only response tokens; any other model reads
+2N rows [x ; y] through its own forward. Reference and held-out passes run in ``torch.inference_mode``.
 
 Metric names follow TRL's DPOTrainer where it has them: ``rewards/chosen`` = β(x_w − x_w^ref),
 ``rewards/rejected`` = β(x_l − x_l^ref), ``rewards/margins`` (their difference), ``rewards/accuracies``
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from rftlab.preference import preference_loss
+from rftlab.rl import fast_gpt2
 from rftlab.rl.sampling import encode_pairs, response_logprobs
 
 __all__ = ["PreferenceData", "encode_preferences", "evaluate", "pair_token_logps", "preference_step",
@@ -96,8 +99,9 @@ def encode_preferences(tokenizer, prompts: Sequence[str], chosen: Sequence[str],
 
 
 def pair_token_logps(model: nn.Module, data: PreferenceData) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log π(y_t|x, y_<t) of chosen (N, Tw) and rejected (N, Tl), 0 on padding, from one forward of
-    2N rows (responses padded to a common width). Differentiable; wrap in no_grad to score only."""
+    """Per-token log π(y_t|x, y_<t) of chosen (N, Tw) and rejected (N, Tl), 0 on padding, from one forward
+    (responses padded to a common width; rows 0..N−1 chosen, N..2N−1 rejected, row r's prompt r mod N).
+    Differentiable; wrap in no_grad / inference_mode to score only."""
     n, width = len(data), max(data.chosen_ids.shape[1], data.rejected_ids.shape[1])
 
     def pad(t: torch.Tensor) -> torch.Tensor:
@@ -105,7 +109,14 @@ def pair_token_logps(model: nn.Module, data: PreferenceData) -> tuple[torch.Tens
 
     responses = torch.cat([pad(data.chosen_ids), pad(data.rejected_ids)])
     masks = torch.cat([pad(data.chosen_mask), pad(data.rejected_mask)])
-    logps = response_logprobs(model, data.prompt_ids.repeat(2, 1), data.prompt_mask.repeat(2, 1), responses, masks)
+    logps = None
+    lm = fast_gpt2.fused_model(model)
+    if lm is not None and n:  # the pair's prompt once for both responses
+        group = torch.arange(n, device=responses.device).repeat(2)
+        logps = fast_gpt2.grouped_logprobs(lm, data.prompt_ids, data.prompt_mask, responses, masks, group)
+    if logps is None:
+        logps = response_logprobs(model, data.prompt_ids.repeat(2, 1), data.prompt_mask.repeat(2, 1), responses,
+                                  masks)
     return logps[:n, : data.chosen_ids.shape[1]], logps[n:, : data.rejected_ids.shape[1]]
 
 
@@ -114,15 +125,24 @@ def _sequence_logps(model: nn.Module, data: PreferenceData) -> tuple[torch.Tenso
     return lw.sum(-1), ll.sum(-1)
 
 
-@torch.no_grad()
+def _scored(model: nn.Module, data: PreferenceData, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs (x_w, x_l), (N,) each, in eval mode and inference mode, by chunks of ``batch_size``."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            parts = [_sequence_logps(model, data.select(range(s, min(s + batch_size, len(data)))))
+                     for s in range(0, len(data), batch_size)]
+            x_w, x_l = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    finally:
+        model.train(was_training)
+    return x_w.clone(), x_l.clone()  # ordinary tensors: later steps use them in autograd graphs
+
+
 def with_reference(reference: nn.Module, data: PreferenceData, batch_size: int = 64) -> PreferenceData:
     """``data`` with ``ref_chosen`` / ``ref_rejected`` = summed log-probs under the frozen ``reference``."""
-    was_training = reference.training
-    reference.eval()
-    parts = [_sequence_logps(reference, data.select(range(s, min(s + batch_size, len(data)))))
-             for s in range(0, len(data), batch_size)]
-    reference.train(was_training)
-    return replace(data, ref_chosen=torch.cat([p[0] for p in parts]), ref_rejected=torch.cat([p[1] for p in parts]))
+    ref_chosen, ref_rejected = _scored(reference, data, batch_size)
+    return replace(data, ref_chosen=ref_chosen, ref_rejected=ref_rejected)
 
 
 def _apply(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float) -> float:
@@ -130,7 +150,9 @@ def _apply(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tenso
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_grad_norm > 0:  # no clipping: skip clip_grad_norm_'s multiply of every gradient by 1
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
     optimizer.step()
     return float(norm)
 
@@ -157,30 +179,29 @@ def preference_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: P
     value = per_pair.mean()
     grad_norm = _apply(model, optimizer, value, max_grad_norm)
     beta = (hparams or {}).get("beta", 0.1)
-    return {"loss": value.item(), "grad_norm": grad_norm,
-            **_summary(batch, x_w.detach(), x_l.detach(), beta)}
+    summary = _summary(batch, x_w.detach(), x_l.detach(), beta, loss=value.detach())
+    return {"loss": summary.pop("loss"), "grad_norm": grad_norm, **summary}
 
 
-def _summary(data: PreferenceData, x_w: torch.Tensor, x_l: torch.Tensor, beta: float) -> dict[str, float]:
-    out = {"logps/chosen": x_w.mean().item(), "logps/rejected": x_l.mean().item(),
-           "logps/chosen_per_token": (x_w / data.len_chosen).mean().item(),
-           "logps/rejected_per_token": (x_l / data.len_rejected).mean().item(),
-           "logps/margin": (x_w - x_l).mean().item()}
+def _summary(data: PreferenceData, x_w: torch.Tensor, x_l: torch.Tensor, beta: float,
+             loss: torch.Tensor | None = None) -> dict[str, float]:
+    """TRL-style batch means, read back in one transfer (one device sync, not one per metric)."""
+    out = {"logps/chosen": x_w.mean(), "logps/rejected": x_l.mean(),
+           "logps/chosen_per_token": (x_w / data.len_chosen).mean(),
+           "logps/rejected_per_token": (x_l / data.len_rejected).mean(),
+           "logps/margin": (x_w - x_l).mean()}
+    if loss is not None:
+        out = {"loss": loss, **out}
     if data.ref_chosen is not None:
         r_w, r_l = beta * (x_w - data.ref_chosen), beta * (x_l - data.ref_rejected)
-        out |= {"rewards/chosen": r_w.mean().item(), "rewards/rejected": r_l.mean().item(),
-                "rewards/margins": (r_w - r_l).mean().item(), "rewards/accuracies": (r_w > r_l).float().mean().item()}
-    return out
+        out |= {"rewards/chosen": r_w.mean(), "rewards/rejected": r_l.mean(),
+                "rewards/margins": (r_w - r_l).mean(), "rewards/accuracies": (r_w > r_l).float().mean()}
+    values = torch.stack([v.double() for v in out.values()]).tolist()
+    return dict(zip(out, values, strict=True))
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, data: PreferenceData, beta: float = 0.1,
              batch_size: int = 64) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """Held-out log-probs: (TRL-style means as in :func:`preference_step`, x_w (N,), x_l (N,))."""
-    was_training = model.training
-    model.eval()
-    parts = [_sequence_logps(model, data.select(range(s, min(s + batch_size, len(data)))))
-             for s in range(0, len(data), batch_size)]
-    model.train(was_training)
-    x_w, x_l = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    x_w, x_l = _scored(model, data, batch_size)
     return _summary(data, x_w, x_l, beta), x_w, x_l

@@ -14,6 +14,13 @@ distribution.
 
 Layout: sample j of prompt b is row i = b·K + j (prompt-major); ``response_mask`` is 1 up to and including
 the first EOS and 0 after (tokens after EOS are padding, whatever their id: GPT-2 pads with EOS).
+
+Speed: for a plain GPT-2 on the CPU (:func:`rftlab.rl.fast_gpt2.fused_model`), sampling runs
+:func:`rftlab.rl.fast_gpt2.sample_tokens` (prompts encoded once per prompt, not once per sample; a
+preallocated KV cache) when ``top_k=0`` and ``top_p=1`` (otherwise ``generate``, whose warpers define those),
+and :func:`response_logprobs` runs :func:`rftlab.rl.fast_gpt2.grouped_logprobs`: each distinct prompt of the
+batch once, no compute on padding, the LM head only where a token is scored. Same draws under a seed and the
+same log-probs up to float rounding; every other model goes through its own forward and ``generate``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from torch import nn
 
 from rftlab.errors import RftlabError
 from rftlab.models import PolicyWithValue, is_seq2seq, response_forward_hidden, unwrap
+from rftlab.rl import fast_gpt2
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -117,7 +125,20 @@ def response_forward(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
 def response_logprobs(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                       response_ids: torch.Tensor, response_mask: torch.Tensor,
                       temperature: float = 1.0) -> torch.Tensor:
-    """log p_θ(y_t|x, y_<t) at temperature τ for every response token, (B, T), 0 after EOS; one forward."""
+    """log p_θ(y_t|x, y_<t) at temperature τ for every response token, (B, T), 0 after EOS; one forward.
+
+    Rows that repeat a prompt (K samples of one input, a pair's two responses) share one encoding of it
+    on the fused GPT-2 path (module docstring); the result is the same.
+    """
+    lm = fast_gpt2.fused_model(model)
+    if lm is not None and response_ids.shape[0]:
+        # one row per distinct prompt: (ids, mask) rows compared whole, `group` maps each response to its prompt
+        rows, group = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
+        width = prompt_ids.shape[1]
+        out = fast_gpt2.grouped_logprobs(lm, rows[:, :width], rows[:, width:], response_ids, response_mask, group,
+                                         temperature)
+        if out is not None:
+            return out
     return response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature).logprobs
 
 
@@ -153,13 +174,16 @@ def _encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], 
 def sample(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], k: int = 1, *,
            max_new_tokens: int, min_new_tokens: int = 0, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, batch_size: int = 64, seed: int | None = None,
-           max_prompt_length: int | None = None, progress: Callable[[int], object] | None = None) -> Rollout:
+           max_prompt_length: int | None = None, progress: Callable[[int], object] | None = None,
+           score_logprobs: bool = True) -> Rollout:
     """Draw ``k`` responses for each prompt and score them under the policy (see the module docstring).
 
     ``batch_size`` prompts (batch_size·k sequences) go through each ``generate`` call and each scoring
     forward. ``seed`` fixes the draws without touching the global RNG (None: use and advance it).
     ``model`` is a Hugging Face LM, a peft-wrapped one, or a PolicyWithValue; it is put in eval mode while
     sampling and restored after. ``progress(n)`` is called after each chunk with its number of prompts.
+    ``score_logprobs=False`` skips the scoring forward and leaves ``logprobs`` nan, for callers that compute
+    the log-probs with gradients anyway (one forward instead of two).
     """
     seq2seq = is_seq2seq(model)
     device = next(model.parameters()).device
@@ -175,7 +199,7 @@ def sample(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequen
                 encoded = _encode_prompts(tokenizer, prompts[start: start + batch_size], seq2seq, max_prompt_length)
                 chunks.append(_sample_chunk(model, tokenizer, encoded["input_ids"].to(device),
                                             encoded["attention_mask"].to(device), k, seq2seq, max_new_tokens,
-                                            min_new_tokens, temperature, top_k, top_p))
+                                            min_new_tokens, temperature, top_k, top_p, score_logprobs))
                 if progress is not None:
                     progress(len(chunks[-1][0]) // k)
     finally:
@@ -196,24 +220,45 @@ def sample(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequen
 
 def _sample_chunk(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor,
                   prompt_mask: torch.Tensor, k: int, seq2seq: bool, max_new_tokens: int, min_new_tokens: int,
-                  temperature: float, top_k: int, top_p: float) -> tuple[torch.Tensor, ...]:
-    """One generate call for b prompts × k samples, then one scoring forward; tensors of b·k rows."""
+                  temperature: float, top_k: int, top_p: float,
+                  score_logprobs: bool = True) -> tuple[torch.Tensor, ...]:
+    """One generate call (or the fused sampler) for b prompts × k samples, then one scoring forward (unless
+    ``score_logprobs`` is False); tensors of b·k rows."""
     lm = unwrap(model)
     limit = getattr(lm.config, "n_positions", None) if not seq2seq else None  # GPT-2's learned positions
     if limit is not None and prompt_ids.shape[1] + max_new_tokens > limit:
         raise RftlabError(f"prompt ({prompt_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                           f"model's {limit} positions: raise model.n_positions or set max_prompt_length.")
-    out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, num_return_sequences=k,
-                      max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
-                      top_k=top_k, top_p=top_p, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id)
-    # causal output = prompt ; response.  seq2seq output = decoder_start ; response
-    response_ids = out[:, 1:] if seq2seq else out[:, prompt_ids.shape[1]:]
+    # the fused sampler draws from softmax(logits/τ) as generate does; top-k/top-p warpers stay generate's
+    fused = fast_gpt2.fused_model(lm) if top_k == 0 and top_p == 1.0 and bool(prompt_mask[:, -1].all()) else None
+    if fused is not None:
+        response_ids = fast_gpt2.sample_tokens(fused, prompt_ids, prompt_mask, k, max_new_tokens=max_new_tokens,
+                                               min_new_tokens=min_new_tokens, temperature=temperature,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    else:
+        out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, num_return_sequences=k,
+                          max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+        # causal output = prompt ; response.  seq2seq output = decoder_start ; response
+        response_ids = out[:, 1:] if seq2seq else out[:, prompt_ids.shape[1]:]
     response_mask = response_mask_from_eos(response_ids, tokenizer.eos_token_id)
     response_ids = torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id)
-    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
-    logprobs = response_logprobs(lm, prompt_ids, prompt_mask, response_ids, response_mask, temperature)
-    return prompt_ids, prompt_mask, response_ids, response_mask, logprobs
+    rows_ids, rows_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
+    if not score_logprobs:
+        logprobs = torch.full(response_ids.shape, float("nan"), device=response_ids.device)
+    else:
+        logprobs = None
+        if fused is not None:  # each prompt encoded once for its k samples
+            group = torch.arange(prompt_ids.shape[0], device=prompt_ids.device).repeat_interleave(k)
+            with torch.inference_mode():
+                logprobs = fast_gpt2.grouped_logprobs(fused, prompt_ids, prompt_mask, response_ids, response_mask,
+                                                      group, temperature)
+            logprobs = None if logprobs is None else logprobs.clone()  # out of inference mode
+        if logprobs is None:
+            logprobs = response_logprobs(lm, rows_ids, rows_mask, response_ids, response_mask, temperature)
+    return rows_ids, rows_mask, response_ids, response_mask, logprobs
 
 
 def _cat_padded(tensors: list[torch.Tensor], value: float, side: str) -> torch.Tensor:

@@ -147,6 +147,22 @@ def _progress_bars() -> Iterator[Callable]:
         yield Tracker
 
 
+def _training_precision(spec, requested: str, compile_model: bool, device: str) -> str:
+    """The autocast precision of ``spec``'s training steps. Experiments whose module sets ``TRAINING_OPTIONS``
+    train under ``--precision`` and ``--compile``; the others always train in fp32, uncompiled, so asking them
+    for bf16 or compilation is an error rather than an option silently ignored."""
+    from rftlab import registry, runtime
+
+    chosen = runtime.select_precision(requested, device)
+    if getattr(spec.module, "TRAINING_OPTIONS", False):
+        return chosen
+    if requested == "bf16" or compile_model:
+        able = [s.name for s in registry.discover().values() if getattr(s.module, "TRAINING_OPTIONS", False)]
+        raise RftlabError(f"{spec.name} trains in fp32 without torch.compile; --precision bf16 and --compile apply "
+                          f"to: {', '.join(able)}.")
+    return "fp32"
+
+
 @app.command()
 @_user_errors
 def run(
@@ -160,12 +176,18 @@ def run(
     seed: int = typer.Option(None, "--seed", help="Seed (overrides the config's seed)."),
     resume: Path = typer.Option(None, "--resume", help="Continue an unfinished run folder."),
     fmt: str = typer.Option("png", "--format", help="Figure format: png or pdf."),
+    num_processes: int = typer.Option(1, "--num-processes", help="Data-parallel processes (DDP; gloo on CPU, NCCL "
+                                      "on CUDA); grue and margin-losses. Or start rftlab under accelerate launch."),
+    precision: str = typer.Option("auto", "--precision", help="Training steps: auto (bf16 autocast on CUDA with "
+                                  "native bf16, else fp32), fp32 or bf16."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the models of training steps."),
 ) -> None:
     """Run an experiment: write a run folder, render its figures, print the folder's path."""
-    from rftlab import config, registry, results, runtime
+    from rftlab import config, distributed, launch, registry, results, runtime
 
     spec = registry.get(name)
     _check_format(fmt)
+    precision = _training_precision(spec, precision, compile_model, runtime.resolve_device(device))
     words = list(set_ or []) + list(overrides or [])
     if seed is not None:
         words.append(f"seed={seed}")
@@ -184,13 +206,19 @@ def run(
                               f"({' '.join(words)}) or start a new run.")
         spec.check(cfg)
         dev = runtime.resolve_device(device)
-        handle = results.reopen_run(resume, argv)
+        handle = launch.open_run(spec, cfg, lambda: results.reopen_run(resume, argv), processes=num_processes,
+                                 device=dev)
     else:
         cfg = registry.preset_config(spec, preset, words, config_file)
         spec.check(cfg)
         dev = runtime.resolve_device(device)
-        handle = spec.new_run(cfg, preset=preset, out_root=out, device=dev, argv=argv)
-    handle.device = dev
+        handle = launch.open_run(spec, cfg, lambda: spec.new_run(cfg, preset=preset, out_root=out, device=dev,
+                                                                  argv=argv), processes=num_processes, device=dev)
+    if launch.is_launcher(num_processes):  # the workers re-run this command on the folder just made
+        raise typer.Exit(launch.spawn(handle, num_processes))
+    handle.device = distributed.device(dev)
+    handle.precision, handle.compile = precision, compile_model
+    handle.meta.update(precision=precision, compile=compile_model)
     handle.info(f"{spec.name}: run folder {handle.path}")
     try:
         with _progress_bars() as factory:
@@ -200,10 +228,13 @@ def run(
         handle.finish("failed")
         typer.echo(f"interrupted; resume with: rftlab run {spec.name} --resume {handle.path}", err=True)
         raise typer.Exit(130) from None
-    except BaseException:
+    except BaseException as exc:
         handle.finish("failed")
+        launch.on_worker_failure(exc)
         raise
     handle.finish("complete")
+    if not handle.is_main:  # the main process renders figures and prints the path
+        return
     figures = spec.plot([handle.path], handle.path / "figures", fmt)
     for fig in figures:
         handle.info(f"figure: {fig}")
@@ -354,6 +385,34 @@ def select_runs(runs: list[Path]) -> list[Path]:
         typer.echo(f"aggregating {len(chosen)} run(s) with the newest run's config; "
                    f"{skipped} other run(s) skipped", err=True)
     return chosen
+
+
+@app.command()
+@_user_errors
+def bench(
+    names: list[str] = typer.Argument(None, help="Benchmarks to run (default all): dpo-step, group-rft-step, "
+                                      "pair-grad-stats, reward-std, flops."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny models, one round: a check of the harness, not a "
+                               "measurement."),
+    rounds: int = typer.Option(None, "--rounds", help="Timed rounds per benchmark (default 3)."),
+    threads: int = typer.Option(2, "--threads", help="torch intra-op threads (0 = torch's default)."),
+    no_trl: bool = typer.Option(False, "--no-trl", help="Skip the TRL rows even when trl is installed."),
+    out: Path = typer.Option(Path("results"), "--out", "-o", help="Results root; the run goes to "
+                             "<out>/bench/<run-id>/."),
+) -> None:
+    """Time rftlab's training and sampling loops against TRL and minimal PyTorch loops on the same tiny models
+    and data, interleaved; print the table and the run folder's path."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "runner.py").is_file():
+        raise RftlabError("rftlab bench runs from a source checkout (the benchmarks/ folder is not installed with "
+                          "the package): clone the repository and pip install -e '.[bench]'.")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks import runner
+
+    folder = runner.run(names or None, quick=quick, rounds=rounds, threads=threads, trl=False if no_trl else None,
+                        out=out, echo=typer.echo)
+    typer.echo(str(folder))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ Configs here are plain dataclasses (no torch at import): experiment modules nest
 ``TaskStages`` and the functions take any config object with the attributes ``tasks`` (TasksConfig), ``model``
 (LMConfig), ``pretrain`` (PretrainConfig), ``stats`` (SamplingConfig), ``rft`` (RFTConfig), ``sft``
 (SFTConfig) and ``seed``; experiments that share these values share the pretrained-model cache.
+
+On several processes (``rftlab.distributed``) the stages are data-parallel: each RFT and SFT step's batch is
+drawn as in one process and split into equal contiguous shards, one per process, with the gradients averaged by
+DDP; the per-input statistics are sampled in chunks of ``stats.batch_size`` inputs, chunk c seeded from
+(seed, c) whichever process samples it, so the statistics of a given model are the same on any number of
+processes.
 """
 
 from __future__ import annotations
@@ -78,17 +84,27 @@ class TaskStages:
         return model.to(self.run.device)
 
     def measure(self, model, stage: str):
-        """Per-input statistics on ``n_stats`` train inputs (+ the sampled gradient norm when pretrained)."""
+        """Per-input statistics on ``n_stats`` train inputs (+ the sampled gradient norm when pretrained).
+
+        Inputs are sampled in chunks of ``stats.batch_size`` (one ``generate`` call each), chunk c with seed
+        ``distributed.chunk_seed(seed, c)`` (chunk 0: ``seed``), so that processes can split the chunks and
+        still draw what one process draws."""
         import numpy as np
         import pandas as pd
 
+        from rftlab import distributed as dist
         from rftlab.rl import train
 
         cfg, examples = self.cfg, self.stats_examples
         prompts = [ex.prompt for ex in examples]
-        rewards, texts = train.per_input_rewards(model, self.tokenizer, prompts, self.scorer(examples), cfg.stats.k,
-                                                 self.generation, temperature=cfg.stats.temperature, seed=cfg.seed,
-                                                 batch_size=cfg.stats.batch_size)
+        size = cfg.stats.batch_size
+        chunks = [slice(s, min(s + size, len(prompts))) for s in range(0, len(prompts), size)]
+        sampled = dist.gather([train.per_input_rewards(
+            model, self.tokenizer, prompts[chunks[c]], self.scorer(examples[chunks[c]]), cfg.stats.k,
+            self.generation, temperature=cfg.stats.temperature, seed=dist.chunk_seed(cfg.seed, c), batch_size=size)
+            for c in dist.shard(range(len(chunks)))])
+        rewards = np.concatenate([r for r, _ in sampled])
+        texts = [t for _, chunk_texts in sampled for t in chunk_texts]
         table = pd.DataFrame({
             "task": self.name, "stage": stage, "input_id": np.arange(len(prompts)),
             "topic_frequency": [ex.meta.get("topic_frequency", "") for ex in examples],
@@ -99,9 +115,12 @@ class TaskStages:
         table["grad_norm"] = table["grad_reward_std"] = np.nan
         if stage == "pretrained" and cfg.tasks.n_grad > 0:
             n = min(cfg.tasks.n_grad, len(prompts))
-            norms, used = train.expected_gradient_norms(
-                model, self.tokenizer, prompts[:n], self.scorer(examples), cfg.stats.k, self.generation,
-                temperature=cfg.stats.temperature, seed=cfg.seed + 1)
+            first = [slice(c.start, min(c.stop, n)) for c in chunks if c.start < n]  # the chunks of the first n
+            estimated = dist.gather([train.expected_gradient_norms(
+                model, self.tokenizer, prompts[first[c]], self.scorer(examples[first[c]]), cfg.stats.k,
+                self.generation, temperature=cfg.stats.temperature, seed=dist.chunk_seed(cfg.seed + 1, c))
+                for c in dist.shard(range(len(first)))])
+            norms, used = np.concatenate([g for g, _ in estimated]), np.concatenate([u for _, u in estimated])
             table.loc[: n - 1, "grad_norm"] = norms
             table.loc[: n - 1, "grad_reward_std"] = used.std(1)  # std of the very samples behind the estimate
         self.bar.advance()
@@ -112,9 +131,12 @@ class TaskStages:
 
         ``rft`` (an RFTConfig) replaces ``cfg.rft`` for this call (remedy sweeps); ``log`` adds columns to
         every logged row (e.g. the setting's name)."""
+        import dataclasses
+
         import torch
 
-        from rftlab import models
+        from rftlab import distributed as dist
+        from rftlab import models, runtime
         from rftlab.rl import losses, train
 
         cfg = rft or self.cfg.rft
@@ -125,18 +147,24 @@ class TaskStages:
         optimizer = train.optimizer_for(policy, cfg.lr)
         kl = (losses.AdaptiveKLController(cfg.kl_init, cfg.kl_target) if cfg.kl_target > 0
               else losses.FixedKLController(cfg.kl_init))
+        policy = dist.prepare(policy, self.run.compile)
+        if dist.active():  # per process: 1/N of each PPO minibatch (the same number of updates), one KL for all
+            cfg, kl = dataclasses.replace(cfg, minibatch_size=cfg.minibatch_size // dist.world_size()), _MeanKL(kl)
+            dist.seed_per_process(self.cfg.seed)
         for step in range(cfg.steps):
             idx = torch.randint(len(self.train_examples), (cfg.batch_prompts,), generator=gen).tolist()
-            batch = [self.train_examples[i] for i in idx]
+            batch = [self.train_examples[i] for i in dist.shard(idx)]
             prompts = [ex.prompt for ex in batch]
-            if ppo:
-                stats = train.ppo_step(policy, reference, optimizer, self.tokenizer, prompts, self.scorer(batch),
-                                       cfg, self.generation, kl)
-            else:
-                stats = train.reinforce_step(policy, optimizer, self.tokenizer, prompts, self.scorer(batch), cfg,
-                                             self.generation)
-            self.run.log(task=self.name, stage=stage, step=step, **(log or {}), **stats)
+            with runtime.autocast(self.run.device, self.run.precision):
+                if ppo:
+                    stats = train.ppo_step(policy, reference, optimizer, self.tokenizer, prompts, self.scorer(batch),
+                                           cfg, self.generation, kl)
+                else:
+                    stats = train.reinforce_step(policy, optimizer, self.tokenizer, prompts, self.scorer(batch), cfg,
+                                                 self.generation)
+            self.run.log(task=self.name, stage=stage, step=step, **(log or {}), **dist.mean(stats))
             self.bar.advance()
+        dist.check_in_sync(self.run, model, f"{self.name}/{stage}")
         return model
 
     def sft(self, model, steps: int | None = None, examples: list | None = None, log: dict | None = None):
@@ -144,21 +172,42 @@ class TaskStages:
         inputs (or of ``examples``, e.g. a labelled subset); ``log`` adds columns to every logged row."""
         import torch
 
+        from rftlab import distributed as dist
+        from rftlab import runtime
         from rftlab.rl import train
 
         cfg = self.cfg.sft
         gen = torch.Generator().manual_seed(self.cfg.seed + 7)
         optimizer = train.optimizer_for(model, cfg.lr)
+        trained = dist.prepare(model, self.run.compile)
         pool = self.train_examples if examples is None else examples
         for step in range(cfg.steps if steps is None else steps):
             idx = torch.randint(len(pool), (cfg.batch_size,), generator=gen).tolist()
-            batch = [pool[i] for i in idx]
-            stats = train.sft_step(model, optimizer, self.tokenizer, [ex.prompt for ex in batch],
-                                   [ex.references[0] for ex in batch],
-                                   max_response_length=self.generation["max_new_tokens"])
-            self.run.log(task=self.name, stage="sft", step=step, **(log or {}), **stats)
+            batch = [pool[i] for i in dist.shard(idx)]
+            with runtime.autocast(self.run.device, self.run.precision):
+                stats = train.sft_step(trained, optimizer, self.tokenizer, [ex.prompt for ex in batch],
+                                       [ex.references[0] for ex in batch],
+                                       max_response_length=self.generation["max_new_tokens"])
+            self.run.log(task=self.name, stage="sft", step=step, **(log or {}), **dist.mean(stats))
             self.bar.advance()
+        dist.check_in_sync(self.run, model, f"{self.name}/sft")
         return model
+
+
+class _MeanKL:
+    """A KL controller that adapts β to the mean KL over processes, so that every process keeps the same β."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    @property
+    def beta(self) -> float:
+        return self.inner.beta
+
+    def update(self, kl: float, n_steps: int = 1) -> float:
+        from rftlab import distributed as dist
+
+        return self.inner.update(dist.mean({"kl": kl})["kl"], n_steps)
 
 
 def load_task(cfg, name: str):

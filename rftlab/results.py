@@ -11,6 +11,11 @@ Layout of one run (``results/<experiment>/<run-id>/``, run-id = ``<UTC time>-<pr
     figures/          PNG (and PDF) written by ``rftlab plot``
     log.txt
 
+In a run of several processes (``rftlab.distributed``) every process holds a :class:`Run` on the same folder and
+only the main one writes: ``log``, ``write_table``, ``save_checkpoint``, ``info`` and ``finish`` do nothing on
+the others (which still count their logged rows, so checkpoints agree), and reading (``load_checkpoint``) works
+on all of them.
+
 Why a JSON-lines journal: every ``run.log`` row is one line written and flushed at once, so a run
 killed with SIGKILL keeps every row it logged (a torn last line is ignored on read). The journal is
 compacted into ``metrics.parquet`` when the run ends; readers accept either.
@@ -96,6 +101,9 @@ class Run:
     meta: dict[str, Any]
     device: str = "cpu"  # torch device the experiment should use, resolved by the CLI
     progress_factory: Any = None  # callable(total, description) -> tracker with .advance(n); set by the CLI
+    is_main: bool = True  # False on the other processes of a multi-process run: they write nothing
+    precision: str = "fp32"  # autocast precision of training steps (rftlab.runtime.select_precision)
+    compile: bool = False  # torch.compile the models of training steps (rftlab.runtime.maybe_compile)
     _rows_logged: int = field(default=0, init=False)
 
     @property
@@ -106,16 +114,20 @@ class Run:
     # --- metrics -------------------------------------------------------------------------------
     def log(self, row: dict[str, Any] | None = None, **columns: Any) -> None:
         """Append one metrics row (a dict and/or keyword columns); flushed before returning."""
+        self._rows_logged += 1
+        if not self.is_main:
+            return
         record = {**(row or {}), **columns}
         line = json.dumps({k: _plain(v) for k, v in record.items()})
         with open(self.path / JOURNAL_FILE, "a") as fh:
             fh.write(line + "\n")
             fh.flush()
-        self._rows_logged += 1
 
     def write_table(self, name: str, frame: Any) -> Path:
         """Write a per-input / per-pair table as ``<name>.parquet`` (atomically)."""
         target = self.path / f"{name}.parquet"
+        if not self.is_main:
+            return target
         tmp = target.with_name(f".{target.name}.tmp")
         try:
             frame.to_parquet(tmp, index=False)
@@ -129,6 +141,8 @@ class Run:
         """Save the experiment's state (tensors, state dicts, numbers) for ``--resume``."""
         import torch
 
+        if not self.is_main:
+            return
         target = self.path / CHECKPOINT_FILE
         target.parent.mkdir(exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
@@ -163,7 +177,7 @@ class Run:
     def _truncate_journal(self, keep: int) -> None:
         """Keep the first ``keep`` complete journal lines (a torn last line is dropped too)."""
         journal = self.path / JOURNAL_FILE
-        if journal.exists():
+        if journal.exists() and self.is_main:
             lines = [ln for ln in journal.read_text().splitlines(keepends=True) if ln.endswith("\n")]
             atomic_write_text(journal, "".join(lines[:keep]))
         self._rows_logged = keep
@@ -171,19 +185,23 @@ class Run:
     # --- console -------------------------------------------------------------------------------
     def info(self, message: str) -> None:
         """Append a line to log.txt and show it on stderr."""
+        if not self.is_main:
+            return
         with open(self.path / "log.txt", "a") as fh:
             fh.write(f"{utc_now()} {message}\n")
         print(message, file=sys.stderr)
 
     def progress(self, total: int, description: str) -> Any:
         """A progress tracker with ``advance(n=1)`` (a rich bar under the CLI, silent otherwise)."""
-        if self.progress_factory is None:
+        if self.progress_factory is None or not self.is_main:
             return _SilentProgress()
         return self.progress_factory(total, description)
 
     # --- lifecycle -----------------------------------------------------------------------------
     def finish(self, status: str) -> None:
         """Compact the journal into metrics.parquet and record the end status."""
+        if not self.is_main:
+            return
         if (self.path / JOURNAL_FILE).exists():
             frame = read_metrics(self.path)
             tmp = self.path / f".{METRICS_FILE}.tmp"
@@ -261,6 +279,16 @@ def reopen_run(path: Path, argv: list[str]) -> Run:
     meta.update(status="running", finished=None)
     meta.setdefault("resumed", []).append({"at": utc_now(), "argv": argv})
     atomic_write_text(path / CONFIG_FILE, json.dumps(meta, indent=2))
+    return run
+
+
+def attach_run(path: Path, is_main: bool) -> Run:
+    """A handle on a run folder that another process created (or reopened), for one process of a multi-process
+    run; it writes only when ``is_main``. Its journal holds the rows of the last checkpoint, so its row count
+    starts there, as it does in the process that prepared the folder."""
+    run = Run(path, read_json(path / CONFIG_FILE), is_main=is_main)
+    saved = run._read_checkpoint(mmap=True)
+    run._rows_logged = saved["metrics_rows"] if saved else 0
     return run
 
 

@@ -285,6 +285,13 @@ BAD_RUNS = {
                             "error: no/such/run does not exist; pass a run folder or an experiment folder."),
     "bad plot format": (["plot", "no/such/run", "--format", "svg"],
                         "error: unknown figure format 'svg': use png or pdf."),
+    "unknown precision": (["run", "theorem-bound", "--precision", "fp16"],
+                          "error: unknown precision 'fp16': use auto, fp32, bf16."),
+    "bf16 where training is fp32 only": (
+        ["run", "theorem-bound", "--precision", "bf16"],
+        "error: theorem-bound trains in fp32 without torch.compile; --precision bf16 and --compile apply to: "),
+    "compile where training is fp32 only": (["run", "controlled", "--compile"],
+                                            "error: controlled trains in fp32 without torch.compile"),
 }
 
 

@@ -27,6 +27,8 @@ from rftlab.rl.settings import RFTConfig, SamplingConfig, SFTConfig
 
 STAGES = ("pretrained", "rft", "sft", "sft_rft")
 
+TRAINING_OPTIONS = True  # trains under `rftlab run --precision` and `--compile` (bf16 autocast, torch.compile)
+
 METRICS = {
     "task, stage, step": "task name; training stage (rft, sft, sft_rft); optimizer step within the stage",
     "reward/mean, reward/std": "rollout reward mean and mean within-input std (TRL names)",
@@ -56,16 +58,27 @@ class Config:
     threads: int = 0  # torch intra-op threads (0 = torch's default)
 
 
+def check_processes(cfg: Config, n: int) -> None:
+    """Runs on n processes when every batch splits evenly (see ``rftlab.grue_stages``)."""
+    from rftlab.distributed import require_multiples
+
+    require_multiples(n, {"rft.batch_prompts": cfg.rft.batch_prompts, "rft.minibatch_size": cfg.rft.minibatch_size,
+                          "sft.batch_size": cfg.sft.batch_size})
+
+
 def run(cfg: Config, run) -> None:
     import pandas as pd
     import torch
 
+    from rftlab import distributed as dist
     from rftlab import runtime
 
     runtime.set_threads(cfg.threads)
     runtime.seed_everything(cfg.seed)
     tasks = {name: load_task(cfg, name) for name in cfg.tasks.names}
-    tokenizer, base = pretrained_model(cfg, tasks, run)
+    dist.import_now(f"transformers.models.{cfg.model.arch}.modeling_{cfg.model.arch}")
+    with dist.main_process_first():  # the main process pretrains and caches; the others load the cache
+        tokenizer, base = pretrained_model(cfg, tasks, run)
     state = run.load_checkpoint() or {"done": []}  # finished (task, stage) pairs; their tables are in parts/
     (run.path / "parts").mkdir(exist_ok=True)
     steps = {"pretrained": 0, "rft": cfg.rft.steps, "sft": cfg.sft.steps, "sft_rft": cfg.rft.steps}
@@ -84,7 +97,9 @@ def run(cfg: Config, run) -> None:
                     model = stages.rft(stages.fresh(), stage)
                 elif stage == "sft":
                     model = stages.sft(stages.fresh())
-                    torch.save(model.state_dict(), sft_path)  # the start of SFT→RFT, kept for --resume
+                    if run.is_main:
+                        torch.save(model.state_dict(), sft_path)  # the start of SFT→RFT, kept for --resume
+                    dist.barrier()  # ... and read by every process
                 else:
                     model = stages.rft(stages.fresh(torch.load(sft_path, weights_only=True)), stage)
                 table = stages.measure(model, stage)
@@ -93,6 +108,8 @@ def run(cfg: Config, run) -> None:
                 run.save_checkpoint(state)
                 run.info(f"{name}/{stage}: mean reward {table.reward_mean.mean():.3f}, "
                          f"share with std < {SMALL_STD}: {(table.reward_std < SMALL_STD).mean():.2f}")
+    if not run.is_main:  # the main process assembles the tables from the parts it wrote
+        return
     inputs = pd.concat([pd.read_parquet(run.path / "parts" / f"{t}-{s}.parquet") for t in tasks for s in STAGES],
                        ignore_index=True)
     run.write_table("inputs", inputs)

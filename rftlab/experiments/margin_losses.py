@@ -27,6 +27,11 @@ default preset its eval curves (held-out pairs, batch steps) still fall on both 
 because held-out pairs share the recurring suffix words with training pairs; it never saturates, so under SGD
 it keeps going.
 
+On N processes (``rftlab run margin-losses --num-processes N``, ``accelerate launch``) each step's batch is split
+into equal shards with DDP averaging the gradients (the same update as one process, up to float rounding), and
+the probe and edit pairs are split between the processes and gathered; pretraining, SFT and the eval-set
+measurements run whole on every process (identical results; they are cheap next to the diagnostics).
+
 CPU runtime of the default preset: about 3 min on 2 cores (1 thread), plus 45 s of pretraining on the first run
 (cached after).
 """
@@ -45,6 +50,8 @@ from rftlab.sentiment_lm import PretrainConfig, SFTStageConfig
 NORMALIZED = "pairwise-normalized"
 LOSSES = ("dpo", "ipo", "slic", "rdpo", "simpo", "dpop", "cpo", "rpo", "rrhf", "orpo", NORMALIZED)
 REGIMES = ("ideal", "chosen_down", "rejected_up", "both")
+
+TRAINING_OPTIONS = True  # trains under `rftlab run --precision` and `--compile` (bf16 autocast, torch.compile)
 
 METRICS = {
     "optimizer, loss, step": "sgd/adamw, update rule (a preference loss or 'pairwise-normalized'), steps done",
@@ -120,6 +127,13 @@ class Config:
             raise ValueError("n_probe, n_eval, batch_size and eval_every must be positive")
         if self.probe_every % self.eval_every:
             raise ValueError("probe_every must be a multiple of eval_every (checkpoints are eval steps)")
+
+
+def check_processes(cfg: Config, n: int) -> None:
+    """Runs on n processes when every training batch splits evenly."""
+    from rftlab.distributed import require_multiples
+
+    require_multiples(n, {"batch_size": cfg.batch_size})
 
 
 def _hparams(cfg: Config, name: str) -> dict[str, float]:
@@ -205,20 +219,36 @@ def _norms(model, data, cfg: Config):
                         for c in ("norm_chosen", "norm_rejected"))
 
 
-def _train_step(model, optimizer, batch, name: str, hp: dict, cfg: Config) -> None:
+def _train_step(model, optimizer, batch, name: str, hp: dict, cfg: Config, run, total: int | None = None,
+                bare=None) -> None:
     """One optimizer step on the batch mean of the per-pair loss, accumulated over micro-batches, gradient
-    norm clipped to ``max_grad_norm`` (TRL's default 1.0)."""
+    norm clipped to ``max_grad_norm`` (TRL's default 1.0); forwards under the run's autocast precision.
+
+    On N processes ``batch`` is this process's shard of a ``total``-pair batch, ``model`` is DDP-wrapped and
+    ``bare`` the model inside (per-pair gradient norms of the normalised update must not go through DDP): each
+    process backpropagates N·Σ_{i in shard} ℓ_i / total, so DDP's average over processes is the gradient of
+    Σ_i ℓ_i / total, the one-process loss. Micro-batches before the last skip DDP's all-reduce (gradients
+    accumulate locally; the last backward reduces the sum)."""
+    import contextlib
+
     import torch
 
+    from rftlab import distributed as dist
+    from rftlab import runtime
     from rftlab.preference_train import pair_token_logps
 
+    total, bare, scale = total or len(batch), bare or model, dist.world_size()
     optimizer.zero_grad(set_to_none=True)
     micro = cfg.micro_batch_size or len(batch)
-    for start in range(0, len(batch), micro):
+    starts = range(0, len(batch), micro)
+    for start in starts:
         part = batch.select(range(start, min(start + micro, len(batch))))
-        norms = _norms(model, part, cfg)[1] if name == NORMALIZED else None
-        lw, ll = pair_token_logps(model, part)
-        (_pair_loss(name, hp, lw.sum(-1), ll.sum(-1), part, norms).sum() / len(batch)).backward()
+        norms = _norms(bare, part, cfg)[1] if name == NORMALIZED else None
+        with dist.no_sync(model) if start != starts[-1] else contextlib.nullcontext():
+            with runtime.autocast(run.device, run.precision):
+                lw, ll = pair_token_logps(model, part)
+                loss = _pair_loss(name, hp, lw.sum(-1), ll.sum(-1), part, norms).sum() * scale / total
+            loss.backward()
     if cfg.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
     optimizer.step()
@@ -284,6 +314,19 @@ def _probe(model, probes, name: str, hp: dict, cfg: Config, eta: float):
     return frame.assign(pair=np.arange(len(frame)))
 
 
+def _probe_shared(model, probes, name: str, hp: dict, cfg: Config, eta: float):
+    """:func:`_probe` on this process's share of the probe pairs, gathered in pair order on every process."""
+    import numpy as np
+    import pandas as pd
+
+    from rftlab import distributed as dist
+
+    mine = dist.shard(range(len(probes)))
+    part = probes if len(mine) == len(probes) else probes.select(mine)
+    frames = dist.gather([_probe(model, part, name, hp, cfg, eta)] if mine else [])
+    return pd.concat(frames, ignore_index=True).assign(pair=np.arange(len(probes)))
+
+
 def _regime(chosen_down, rejected_up):
     import numpy as np
 
@@ -335,13 +378,16 @@ def run(cfg: Config, run) -> None:
     import pandas as pd
     import torch
 
+    from rftlab import distributed as dist
     from rftlab import models, runtime, sentiment_lm
     from rftlab.diagnostics import pair_gradient_stats
     from rftlab.preference_train import with_reference
 
     runtime.set_threads(cfg.threads)
     runtime.seed_everything(cfg.seed)
-    tokenizer, model = sentiment_lm.pretrained_policy(run, cfg.model, cfg.pretrain, cfg.seed)
+    dist.import_now(f"transformers.models.{cfg.model.arch}.modeling_{cfg.model.arch}")
+    with dist.main_process_first():  # the main process pretrains and caches; the others load the cache
+        tokenizer, model = sentiment_lm.pretrained_policy(run, cfg.model, cfg.pretrain, cfg.seed)
     train_rows, held_rows = _pair_texts(cfg)
     train, held = _encode(tokenizer, train_rows, cfg).to(run.device), _encode(tokenizer, held_rows, cfg).to(run.device)
     if cfg.sft.steps:
@@ -362,15 +408,17 @@ def run(cfg: Config, run) -> None:
 
     edits = _edit_pairs(cfg, tokenizer, held_rows)
     if edits:
-        stats = pair_gradient_stats(model, [e.prompt for e in edits], [e.chosen for e in edits],
-                                    [e.rejected for e in edits], params=cfg.grad_params,
-                                    chunk_size=cfg.stats_chunk_size)
+        mine = [edits[i] for i in dist.shard(range(len(edits)))]  # split between processes, gathered in order
+        stats = pd.concat(dist.gather([pair_gradient_stats(
+            model, [e.prompt for e in mine], [e.chosen for e in mine], [e.rejected for e in mine],
+            params=cfg.grad_params, chunk_size=cfg.stats_chunk_size)] if mine else []), ignore_index=True)
         edit_table = stats.assign(k=[e.k for e in edits], shared_fraction=[e.shared_fraction for e in edits])
         run.write_table("edit_pairs", edit_table)
         kappa = edit_table.groupby("shared_fraction").cosine.mean()
         run.info("κ by shared fraction: " + ", ".join(f"{f:.2f}: {c:.3f}" for f, c in kappa.items()))
 
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trained = dist.prepare(model, run.compile)  # steps go through this (DDP on N processes); measurements not
     steps = cfg.steps or math.ceil(len(train) / cfg.batch_size)
     eta = cfg.probe_lr or cfg.sgd_lr / cfg.batch_size
     eval_steps = {*range(0, steps, cfg.eval_every), steps}
@@ -397,7 +445,7 @@ def run(cfg: Config, run) -> None:
                     row = {"optimizer": opt_name, "loss": name, "step": step,
                            **_eval_row(model, eval_data, name, hp, cfg)}
                     if step in checkpoints:
-                        frame = _probe(model, probes, name, hp, cfg, eta)
+                        frame = _probe_shared(model, probes, name, hp, cfg, eta)
                         tables.append(frame.assign(optimizer=opt_name, loss=name, step=step))
                         row |= _probe_row(frame)
                     run.log(row)
@@ -406,8 +454,10 @@ def run(cfg: Config, run) -> None:
                 while len(order) < cfg.batch_size:  # epochs of seeded permutations
                     order += torch.randperm(len(train), generator=gen).tolist()
                 idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
-                _train_step(model, optimizer, train.select(idx), name, hp, cfg)
+                _train_step(trained, optimizer, train.select(dist.shard(idx)), name, hp, cfg, run, total=len(idx),
+                            bare=model)
                 bar.advance()
+            dist.check_in_sync(run, model, f"{opt_name}/{name}")
             so_far = pd.concat(tables, ignore_index=True)
             run.save_checkpoint({"done": i + 1, "probes": {c: so_far[c].tolist() for c in so_far}})
     probe_table = pd.concat(tables, ignore_index=True)

@@ -26,6 +26,8 @@ from rftlab.rl.settings import RFTConfig, SamplingConfig, SFTConfig
 
 KNOB_LABELS = {"lr": "learning rate ×{:g}", "temperature": "temperature {:g}", "ent_coef": "entropy coef. {:g}"}
 
+TRAINING_OPTIONS = True  # trains under `rftlab run --precision` and `--compile` (bf16 autocast, torch.compile)
+
 METRICS = {
     "task, stage, step": "task; stage (rft, lr_x3, temperature_1.5, ent_coef_0.1, …, sft, sft_rft); step in it",
     "reward/mean, reward/std, kl, entropy, …": "rollout and PPO statistics per step, as in grue",

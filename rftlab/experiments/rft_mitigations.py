@@ -51,6 +51,8 @@ LABELS = {"grpo": "GRPO", "dr_grpo": "Dr. GRPO (no std)", "grpo_filter": "GRPO +
           "sft_random_grpo": "random 1% SFT → GRPO", "sft_low_std_grpo": "low-std 1% SFT → GRPO",
           "sft_low_std_grpo_filter": "low-std 1% SFT → GRPO + filter"}
 
+TRAINING_OPTIONS = True  # trains under `rftlab run --precision` and `--compile` (bf16 autocast, torch.compile)
+
 METRICS = {
     "seed, task, stage, step": "seed; task; method (or sft); optimizer step within the stage",
     "reward/mean, reward/std, frac_reward_zero_std": "rollout reward mean, mean within-input std and share of "

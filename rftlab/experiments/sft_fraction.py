@@ -26,6 +26,8 @@ from rftlab.lm_config import LMConfig
 from rftlab.registry import experiment
 from rftlab.rl.settings import RFTConfig, SamplingConfig, SFTConfig
 
+TRAINING_OPTIONS = True  # trains under `rftlab run --precision` and `--compile` (bf16 autocast, torch.compile)
+
 METRICS = {
     "task, stage, step, fraction, steps_fraction": "task; stage (rft, sft, sft_rft); step; the SFT setting "
     "(share of labelled inputs, share of sft.steps; 0, 0 = no SFT)",

@@ -30,7 +30,12 @@ Score = Callable[[list[int], list[str]], list[float]]
 
 
 def optimizer_for(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    """AdamW over the trainable parameters; the fused kernel where torch has one for them (CPU and CUDA
+    floating-point tensors, as TRL's default ``adamw_torch_fused``): one kernel instead of a loop over tensors,
+    the same update up to float rounding."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float) -> float:
@@ -38,7 +43,9 @@ def _step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_grad_norm > 0:  # no clipping: skip clip_grad_norm_'s multiply of every gradient by 1
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
     optimizer.step()
     return norm.item()
 
@@ -143,7 +150,9 @@ def reinforce_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer
 
     With the ``mean`` or ``rloo`` baseline an input whose K rewards are equal contributes exactly nothing.
     """
-    rollout = sample(model, tokenizer, prompts, cfg.k, temperature=cfg.temperature, **generation)
+    # the rollout's own scoring forward is skipped: the loss needs the log-probs with gradients, one forward
+    rollout = sample(model, tokenizer, prompts, cfg.k, temperature=cfg.temperature, score_logprobs=False,
+                     **generation)
     rewards = torch.tensor(score(rollout.prompt_index.tolist(), rollout.texts(tokenizer)), dtype=torch.float32)
     rewards = rollout.by_prompt(rewards)  # (B, K)
     advantages = losses.reinforce_advantages(rewards, cfg.baseline, cfg.normalize_std)
@@ -160,7 +169,8 @@ Draw = Callable[[int], tuple[Sequence[str], Score]]
 
 
 def dynamic_sampling_rollouts(model: nn.Module, tokenizer, draw: Draw, cfg: RFTConfig, generation: dict,
-                              max_samples: int | None = None) -> list[tuple[Rollout, torch.Tensor, torch.Tensor]]:
+                              max_samples: int | None = None,
+                              score_logprobs: bool = True) -> list[tuple[Rollout, torch.Tensor, torch.Tensor]]:
     """The rollouts of one REINFORCE step, with DAPO's dynamic sampling when ``cfg.filter_zero_std``.
 
     ``draw(n)`` returns n fresh prompts and their ``score``. Round 0 samples K completions for
@@ -171,6 +181,7 @@ def dynamic_sampling_rollouts(model: nn.Module, tokenizer, draw: Draw, cfg: RFTC
     all rounds (a sample budget), so a round may draw fewer prompts, or none.
 
     Returns one ``(rollout, rewards (B, K), keep (B,) bool)`` per round; ``keep`` is all True without the filter.
+    ``score_logprobs=False`` leaves the rollouts' ``logprobs`` unscored (nan), as in ``sample``.
     """
     limit = float("inf") if max_samples is None else max_samples
     rounds: list[tuple[Rollout, torch.Tensor, torch.Tensor]] = []
@@ -180,7 +191,8 @@ def dynamic_sampling_rollouts(model: nn.Module, tokenizer, draw: Draw, cfg: RFTC
         if n <= 0:
             break
         prompts, score = draw(n)
-        rollout = sample(model, tokenizer, prompts, cfg.k, temperature=cfg.temperature, **generation)
+        rollout = sample(model, tokenizer, prompts, cfg.k, temperature=cfg.temperature,
+                         score_logprobs=score_logprobs, **generation)
         rewards = rollout.by_prompt(torch.tensor(score(rollout.prompt_index.tolist(), rollout.texts(tokenizer)),
                                                  dtype=torch.float32))
         keep = (~losses.zero_std_groups(rewards) if cfg.filter_zero_std
@@ -202,7 +214,7 @@ def dynamic_sampling_step(model: nn.Module, optimizer: torch.optim.Optimizer, to
     of prompts, so ``frac_reward_zero_std`` estimates the same share as without the filter), ``samples``
     (completions sampled), ``filter/rounds`` and ``filter/kept_prompts`` (inputs in the update).
     """
-    rounds = dynamic_sampling_rollouts(model, tokenizer, draw, cfg, generation, max_samples)
+    rounds = dynamic_sampling_rollouts(model, tokenizer, draw, cfg, generation, max_samples, score_logprobs=False)
     if not rounds:
         raise ValueError("max_samples is smaller than K: no input can be sampled")
     n_kept = sum(int(keep.sum()) for _, _, keep in rounds)
@@ -235,13 +247,17 @@ def ppo_step(policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Opt
 
     ``policy`` is a :class:`rftlab.models.PolicyWithValue`; ``reference`` a frozen copy of the initial model.
     """
-    rollout = sample(policy, tokenizer, prompts, cfg.k, temperature=cfg.temperature, **generation)
+    # scored below (old log-probs and values in one forward), so the rollout's own scoring is skipped
+    rollout = sample(policy, tokenizer, prompts, cfg.k, temperature=cfg.temperature, score_logprobs=False,
+                     **generation)
     mask = rollout.response_mask.float()
     scores = torch.tensor(score(rollout.prompt_index.tolist(), rollout.texts(tokenizer)), dtype=torch.float32)
     tensors = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
     with torch.no_grad():
         old = response_forward(policy, *tensors, temperature=cfg.temperature)
+    with torch.inference_mode():
         ref_logprobs = response_logprobs(reference, *tensors, temperature=cfg.temperature)
+    ref_logprobs = ref_logprobs.clone()  # an ordinary tensor again, for the losses' autograd graphs
     beta = kl_controller.beta
     token_rewards = losses.kl_penalized_rewards(scores.to(mask.device), old.logprobs, ref_logprobs, mask, beta)
     advantages, returns = losses.gae(token_rewards, old.values, mask, cfg.gamma, cfg.lam)
@@ -273,11 +289,21 @@ def per_input_rewards(model: nn.Module, tokenizer, prompts: Sequence[str], score
                       batch_size: int = 64, progress: Callable[[int], object] | None = None
                       ) -> tuple[np.ndarray, list[str]]:
     """K sampled completions per prompt, scored: rewards (N, K) and the N·K texts (prompt-major).
-    ``progress(n)`` is called as each chunk of n prompts is sampled."""
-    rollout = sample(model, tokenizer, prompts, k, temperature=temperature, seed=seed, batch_size=batch_size,
-                     progress=progress, **generation)
-    texts = rollout.texts(tokenizer)
-    rewards = np.asarray(score(rollout.prompt_index.tolist(), texts), dtype=np.float64)
+
+    Prompts are sampled in chunks of ``batch_size``, chunk c with its own seed ``chunk_seed(seed, c)`` (chunk 0:
+    ``seed``), so a chunk's draws do not depend on which call or process samples it: sampling prompts
+    [c·b, (c+1)·b) alone with seed ``chunk_seed(seed, c)`` gives the same rewards (the data-parallel per-input
+    statistics rely on it). ``progress(n)`` is called as each chunk of n prompts is sampled."""
+    from rftlab.distributed import chunk_seed
+
+    texts: list[str] = []
+    for c, start in enumerate(range(0, len(prompts), batch_size)):
+        rollout = sample(model, tokenizer, prompts[start:start + batch_size], k, temperature=temperature,
+                         seed=chunk_seed(seed, c), batch_size=batch_size, progress=progress, score_logprobs=False,
+                         **generation)  # only the texts are read
+        texts += rollout.texts(tokenizer)
+    index = np.repeat(np.arange(len(prompts)), k).tolist()  # prompt-major, as each rollout's prompt_index
+    rewards = np.asarray(score(index, texts), dtype=np.float64)
     return rewards.reshape(len(prompts), k), texts
 
 
@@ -291,7 +317,8 @@ def expected_gradient_norms(model: nn.Module, tokenizer, prompts: Sequence[str],
     equal (so small reward std shows up as a small estimate, as Theorem 1 bounds the true norm).
     One backward per prompt. Returns the (N,) norms and the (N, K) rewards of the samples they used.
     """
-    rollout = sample(model, tokenizer, prompts, k, temperature=temperature, seed=seed, **generation)
+    rollout = sample(model, tokenizer, prompts, k, temperature=temperature, seed=seed, score_logprobs=False,
+                     **generation)
     rewards = torch.tensor(score(rollout.prompt_index.tolist(), rollout.texts(tokenizer)), dtype=torch.float32)
     advantages = losses.reinforce_advantages(rollout.by_prompt(rewards), "rloo")
     params = [p for p in model.parameters() if p.requires_grad]

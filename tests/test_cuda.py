@@ -122,5 +122,9 @@ def test_margin_losses_smoke_runs_on_the_gpu_in_bf16_compiled(tmp_path: Path) ->
                                     "--precision", "bf16", "--compile", "--out", tmp_path, timeout=600))
     assert meta["precision"] == "bf16" and meta["compile"] is True
     for table in sorted(folder.glob("*.parquet")):
-        numbers = pd.read_parquet(table).select_dtypes("number")
-        assert np.isfinite(numbers.to_numpy(dtype=float)[~numbers.isna().to_numpy()]).all(), table.name
+        # NaN marks a value not measured; the loss thresholds c_chosen / c_rejected are +inf by definition for
+        # some losses; anything else infinite is an overflow
+        numbers = pd.read_parquet(table).select_dtypes("number").drop(columns=["c_chosen", "c_rejected"],
+                                                                      errors="ignore")
+        values = numbers.to_numpy(dtype=float)
+        assert np.isfinite(values[~np.isnan(values)]).all(), table.name

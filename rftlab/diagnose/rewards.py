@@ -226,6 +226,7 @@ def plot(runs: list[Path], out_dir: Path, fmt: str = "png") -> list[Path]:
     import json
 
     import numpy as np
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     from rftlab import plotting
     from rftlab.results import CONFIG_FILE, read_table
@@ -266,5 +267,11 @@ def plot(runs: list[Path], out_dir: Path, fmt: str = "png") -> list[Path]:
         grad.set(xscale="log", yscale="log", xlabel=f"reward std of the K samples (< {floor_std:g} at {floor_std:g})",
                  ylabel=f"sampled ‖∇θ V(x)‖ (0 at {floor_grad:.0e})",
                  title=f"Gradient norm vs std ({len(measured)} prompts)")
+        # stds often span about one decade, where matplotlib labels minor ticks in overlapping scientific
+        # notation: label 1, 2, 5 × 10^k in plain numbers instead
+        for axis in (grad.xaxis, grad.yaxis):
+            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            axis.set_minor_formatter(NullFormatter())
     fig.suptitle("Which prompts will RL finetuning move? (Razin et al. 2024: ‖∇V(x)‖ is bounded by the reward std)")
     return [plotting.save(fig, out_dir, "diagnose_rewards", fmt)]

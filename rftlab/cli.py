@@ -248,7 +248,7 @@ app.add_typer(diagnose_app, name="diagnose")
 
 
 def _diagnose(kind: str, options: dict[str, Any], overrides: list[str] | None, out: Path, device: str,
-              fmt: str) -> None:
+              fmt: str, processes: int = 1) -> None:
     """Resolve ``diagnose <kind>``'s config (flags, then key=value words), run it, print its summary and the
     run folder's path (last, as ``rftlab run`` does)."""
     from rich.console import Console
@@ -263,7 +263,9 @@ def _diagnose(kind: str, options: dict[str, Any], overrides: list[str] | None, o
     dev = runtime.resolve_device(device)
     with _progress_bars() as factory:
         folder = diagnose.execute(kind, cfg, out_root=out, device=dev, argv=["rftlab", *sys.argv[1:]], fmt=fmt,
-                                  progress_factory=factory)
+                                  progress_factory=factory, processes=processes)
+    if folder is None:  # not the main process: it prints the summary and the path
+        return
     Console(stderr=True).print(Markdown((folder / "summary.md").read_text()))
     typer.echo(str(folder))
 
@@ -288,12 +290,14 @@ def diagnose_rewards(
                              "<out>/diagnose-rewards/<run-id>/."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     fmt: str = typer.Option("png", "--format", help="Figure format: png or pdf."),
+    num_processes: int = typer.Option(1, "--num-processes", help="Processes to split the prompts between (gloo "
+                                      "on CPU, one GPU each on CUDA). Or start rftlab under accelerate launch."),
 ) -> None:
     """Sample K completions per prompt and find the prompts whose reward std, and so RL gradient, vanishes
     (Razin et al. 2024); recommend an SFT subset."""
     _diagnose("rewards", {"model": model, "prompts": prompts, "reward": reward, "k": k,
                           "max_new_tokens": max_new_tokens, "adapter": adapter, "label_budget": label_budget},
-              overrides, out, device, fmt)
+              overrides, out, device, fmt, num_processes)
 
 
 @diagnose_app.command("pairs")
@@ -316,11 +320,13 @@ def diagnose_pairs(
                              "<out>/diagnose-pairs/<run-id>/."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     fmt: str = typer.Option("png", "--format", help="Figure format: png or pdf."),
+    num_processes: int = typer.Option(1, "--num-processes", help="Processes to split the pairs between (gloo on "
+                                      "CPU, one GPU each on CUDA). Or start rftlab under accelerate launch."),
 ) -> None:
     """Measure per-pair gradient norms and inner products of chosen and rejected log-probs, and which pairs the
     loss will push the wrong way (Yuan et al. 2024)."""
     _diagnose("pairs", {"model": model, "pairs": pairs, "loss": loss, "params": params, "ref": ref,
-                        "adapter": adapter, "max_pairs": max_pairs}, overrides, out, device, fmt)
+                        "adapter": adapter, "max_pairs": max_pairs}, overrides, out, device, fmt, num_processes)
 
 
 def _check_format(fmt: str) -> None:

@@ -248,6 +248,10 @@ def test_unreadable_data_and_missing_columns_are_one_line_errors(tmp_path, saved
         inputs.load_prompts(str(other))
     with pytest.raises(RftlabError, match="no reference"):
         inputs.load_reward("bleu", inputs.load_prompts(str(other), column="question"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"prompt": "the cat"}\n{"prompt": "  "}\n')
+    with pytest.raises(RftlabError, match="empty.jsonl, row 1, column 'prompt': the prompt is empty"):
+        inputs.load_prompts(str(empty))
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{}")

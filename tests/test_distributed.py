@@ -131,6 +131,71 @@ def test_margin_losses_on_two_processes_match_one_to_float_tolerance(margin_runs
     assert set(spread.values()) == {0.0}
 
 
+DIAGNOSE_TEXTS = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning",
+                  "the sun is warm", "cats and dogs play", "the park is green"] * 10
+DIAGNOSE_REWARD = '''
+def letter_share(prompts, completions, **kwargs):
+    return [c.count("a") / max(len(c), 1) for c in completions]
+'''
+
+
+@pytest.fixture(scope="module")
+def diagnose_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2 saved with save_pretrained, 18 prompts, 12 pairs and a reward module, in one folder."""
+    import torch
+
+    from rftlab import models, tokenization
+    from rftlab.lm_config import LMConfig
+
+    folder = tmp_path_factory.mktemp("diagnose")
+    tokenizer = tokenization.train_bpe_tokenizer(DIAGNOSE_TEXTS, vocab_size=300)
+    torch.manual_seed(0)
+    model = models.build_model(LMConfig(n_layer=1, n_embd=32, n_head=2, n_positions=64), tokenizer)
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    words = " ".join(DIAGNOSE_TEXTS[:6]).split()  # 24 words
+    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": " ".join(words[i:i + 2 + i % 3])}) + "\n"
+                                                  for i in range(18)))
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(
+        {"prompt": " ".join(words[i:i + 2]), "chosen": " ".join(words[i + 2:i + 5 + i % 4]),
+         "rejected": " ".join(words[i + 3:i + 5 + i % 3])}) + "\n" for i in range(12)))
+    (folder / "reward_for_test.py").write_text(DIAGNOSE_REWARD)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["rewards", "pairs"])
+def test_diagnose_on_two_processes_equals_one(kind: str, diagnose_inputs: Path, tmp_path: Path) -> None:
+    """The prompts (pairs) are split between the processes in chunks, chunk c sampled with its own seed: the
+    tables equal a one-process run's (rewards and samples exactly)."""
+    folder = diagnose_inputs
+    env = {**cli_env(), "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+    if kind == "rewards":  # 5 chunks of 4 prompts; one chunk of gradient norms, so one process has none
+        args = ("diagnose", "rewards", "--model", folder / "model", "--prompts", folder / "prompts.jsonl",
+                "--reward", "reward_for_test:letter_share", "-k", "4", "--max-new-tokens", "8", "batch_size=4",
+                "grad_prompts=6")
+        table, exact, close = "prompts", ["rewards", "reward_mean", "reward_std"], ["grad_norm", "grad_reward_std"]
+    else:  # 3 chunks of 4 pairs
+        args = ("diagnose", "pairs", "--model", folder / "model", "--pairs", folder / "pairs.jsonl",
+                "chunk_size=8")
+        table, exact, close = "pairs", ["len_chosen", "len_rejected", "regime"], ["norm_chosen", "norm_rejected",
+                                                                                 "inner", "cosine", "logp_chosen"]
+    one = _folder(_run(*args, out=tmp_path / "one", env=env))
+    two = _folder(_run(*args, "--num-processes", "2", out=tmp_path / "two", env=env))
+    a, b = results.read_table(one, table), results.read_table(two, table)
+    assert len(a) == len(b) == (18 if kind == "rewards" else 12)
+    for column in exact:
+        assert all(np.array_equal(x, y) for x, y in zip(a[column], b[column], strict=True)), column
+    for column in close:
+        np.testing.assert_allclose(b[column].to_numpy(float), a[column].to_numpy(float), rtol=1e-5, atol=1e-7,
+                                   equal_nan=True, err_msg=column)
+    if kind == "rewards":
+        assert a.grad_norm.notna().sum() == 6
+        pd.testing.assert_frame_equal(results.read_table(one, "samples"), results.read_table(two, "samples"))
+        assert (one / "sft_subset.jsonl").read_text() == (two / "sft_subset.jsonl").read_text()
+    assert _meta(two)["processes"] == 2 and _meta(two)["status"] == "complete"
+    assert (two / "summary.md").is_file() and list((two / "figures").glob("*.png"))
+
+
 def test_a_failing_process_ends_the_launch_with_one_error_line(margin_runs, margin_out: Path, tmp_path: Path) -> None:
     """Process 1 raises as it waits for process 0 to load the cached model; process 0 then finds it gone."""
     hook = tmp_path / "hook"

@@ -120,6 +120,9 @@ def load_prompts(source: str, column: str = "prompt", tokenizer=None, limit: int
             prompt, _ = prompt_and_completions(row[column], [], tokenizer)
         except ValueError as err:
             raise RftlabError(f"{source}, row {i}, column {column!r}: {err}.") from None
+        if not prompt.strip():  # nothing for the model to continue (and no token to start sampling from)
+            raise RftlabError(f"{source}, row {i}, column {column!r}: the prompt is empty; remove the row or give "
+                              "it text.")
         refs = row.get(ref_column) if ref_column else None
         refs = [] if refs is None else [refs] if isinstance(refs, str) else [str(r) for r in refs]
         out.append(PromptRow(prompt, refs, {k: v for k, v in row.items() if k not in (column, ref_column)}))

@@ -145,6 +145,11 @@ def uses_reference(loss: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- check
+def check_processes(cfg: Config, n: int) -> None:
+    """Any number of processes: the pairs' gradient statistics are split between them in chunks and gathered in
+    order (each pair's numbers do not depend on the other pairs of its chunk)."""
+
+
 def check(cfg: Config) -> None:
     """Before a run folder exists: --model and --pairs are given, local paths exist."""
     for flag, value in (("--model", cfg.model), ("--pairs", cfg.pairs)):
@@ -325,7 +330,8 @@ def run(cfg: Config, run) -> None:
     context = {"model": cfg.model + (f" + {cfg.adapter}" if cfg.adapter else ""), "hparams": hp,
                "reference": (cfg.ref or "the model itself (π = π_ref)") if uses_reference(name) else None,
                "n_params": n_params, "method": method}
-    atomic_write_text(run.path / "summary.md", summary_markdown(cfg, table, headline, context))
+    if run.is_main:  # the others hold the same table and write nothing
+        atomic_write_text(run.path / "summary.md", summary_markdown(cfg, table, headline, context))
     run.info(f"{len(table)} pairs, loss {name}: chosen falls on {headline['frac_chosen_at_risk']:.0%}, rejected "
              f"rises on {headline['frac_rejected_at_risk']:.0%} (both {headline['frac_both']:.0%}); mean "
              f"cos(g_w, g_l) {headline['cosine_mean']:.3f}")
@@ -340,15 +346,16 @@ def _gradient_stats(model, prompts, chosen, rejected, cfg: Config, method: str, 
     import numpy as np
     import pandas as pd
 
+    from rftlab import distributed as dist
     from rftlab.diagnostics import pair_gradient_stats
 
     n, per_call = len(prompts), cfg.chunk_size // 2
     order = np.argsort([len(x) + max(len(w), len(l)) for x, w, l in zip(prompts, chosen, rejected, strict=True)],
                        kind="stable")
-    parts = []
+    parts, no_fast_rule = [], None
     try:
         with run.progress(n, f"pair gradients ({method})") as bar:
-            for start in range(0, n, per_call):
+            for start in dist.shard(range(0, n, per_call)):  # several processes: each takes its share of chunks
                 idx = order[start:start + per_call]
                 parts.append(pair_gradient_stats(model, [prompts[i] for i in idx], [chosen[i] for i in idx],
                                                  [rejected[i] for i in idx], params=cfg.params, method=method,
@@ -357,9 +364,13 @@ def _gradient_stats(model, prompts, chosen, rejected, cfg: Config, method: str, 
     except RftlabError as err:
         if cfg.method != "auto" or method != "fast" or "method='fast'" not in str(err):
             raise
-        run.info(f"{err} Running method='exact' (one backward per response).")
+        no_fast_rule = str(err)
+    # every process takes the same turn, also one whose share of the chunks was empty
+    reasons = [reason for reason in dist.gather([no_fast_rule]) if reason]
+    if reasons:
+        run.info(f"{reasons[0]} Running method='exact' (one backward per response).")
         return _gradient_stats(model, prompts, chosen, rejected, cfg, "exact", run)
-    frame = pd.concat(parts, ignore_index=True)
+    frame = pd.concat(dist.gather(parts), ignore_index=True)  # chunks in order, whichever process measured them
     frame.index = order
     return frame.sort_index().reset_index(drop=True), method
 

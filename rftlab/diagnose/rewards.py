@@ -74,6 +74,11 @@ class Config:
             raise ValueError("max_new_tokens and batch_size must be ≥ 1; grad_prompts and max_prompts ≥ 0")
 
 
+def check_processes(cfg: Config, n: int) -> None:
+    """Any number of processes: the prompts are split between them in chunks of ``batch_size``, each chunk
+    sampled with its own seed, so the rewards equal a one-process run's."""
+
+
 def check(cfg: Config) -> None:
     """Before a run folder exists: the three required inputs are given and local paths exist."""
     for flag, value in (("--model", cfg.model), ("--prompts", cfg.prompts), ("--reward", cfg.reward)):
@@ -121,6 +126,7 @@ def run(cfg: Config, run) -> None:
     import numpy as np
     import pandas as pd
 
+    from rftlab import distributed as dist
     from rftlab import runtime
     from rftlab.diagnose.inputs import load_model, load_prompts, load_reward
     from rftlab.results import atomic_write_text
@@ -136,20 +142,31 @@ def run(cfg: Config, run) -> None:
                   "top_p": cfg.top_p,
                   "max_prompt_length": cfg.max_prompt_length or None}
     n_grad = min(cfg.grad_prompts, len(rows))
+    size = cfg.batch_size
     with run.progress(len(rows) + n_grad, "diagnose rewards") as bar:
-        rewards, texts = train.per_input_rewards(model, tokenizer, prompts, score, cfg.k, generation,
-                                                 temperature=cfg.temperature, seed=cfg.seed,
-                                                 batch_size=cfg.batch_size, progress=bar.advance)
+        # chunk c of the prompts sampled with seed chunk_seed(seed, c), by whichever process takes it: the same
+        # draws as per_input_rewards on all prompts in one process
+        sampled = dist.gather([train.per_input_rewards(
+            model, tokenizer, prompts[c * size:(c + 1) * size],
+            lambda idx, t, c=c: score([c * size + i for i in idx], t), cfg.k, generation,
+            temperature=cfg.temperature, seed=dist.chunk_seed(cfg.seed, c), batch_size=size, progress=bar.advance)
+            for c in dist.shard(range(-(-len(prompts) // size)))])
+        rewards = np.concatenate([r for r, _ in sampled]).reshape(len(prompts), cfg.k)
+        texts = [t for _, chunk in sampled for t in chunk]
         mean, std = rewards.mean(1), rewards.std(1)
         grad_norm, grad_std = np.full(len(rows), np.nan), np.full(len(rows), np.nan)
         chosen = grad_subset(std, n_grad) if n_grad else np.zeros(0, int)
-        for start in range(0, len(chosen), 8):  # chunks: a progress bar, and one rollout of 8·K per call
-            part = chosen[start:start + 8]
+        parts = [chosen[start:start + 8] for start in range(0, len(chosen), 8)]  # one rollout of 8·K per call
+        estimated = []
+        for c in dist.shard(range(len(parts))):
+            part = parts[c]
             norms, used = train.expected_gradient_norms(
                 model, tokenizer, [prompts[i] for i in part], lambda idx, t, part=part: score(part[idx].tolist(), t),
-                cfg.k, generation, temperature=cfg.temperature, seed=cfg.seed + 1 + start)
-            grad_norm[part], grad_std[part] = norms, used.std(1)
+                cfg.k, generation, temperature=cfg.temperature, seed=cfg.seed + 1 + 8 * c)
+            estimated.append((c, norms, used))
             bar.advance(len(part))
+        for c, norms, used in dist.gather(estimated):
+            grad_norm[parts[c]], grad_std[parts[c]] = norms, used.std(1)
     budget = label_budget(cfg, len(rows))
     sft = recommend(mean, std, budget)
     rank = np.full(len(rows), -1)
@@ -165,10 +182,12 @@ def run(cfg: Config, run) -> None:
         "completion": texts, "reward": rewards.ravel()}))
     subset = [{"prompt": rows[i].prompt, **({"references": rows[i].references} if rows[i].references else {}),
                **rows[i].extra} for i in sft]
-    atomic_write_text(run.path / "sft_subset.jsonl", pd.DataFrame(subset).to_json(orient="records", lines=True))
     headline = summarize(cfg, table)
     run.log(headline)
-    atomic_write_text(run.path / "summary.md", summary_markdown(cfg, table, headline))
+    if run.is_main:  # the others hold the same tables and write nothing
+        atomic_write_text(run.path / "sft_subset.jsonl",
+                          pd.DataFrame(subset).to_json(orient="records", lines=True))
+        atomic_write_text(run.path / "summary.md", summary_markdown(cfg, table, headline))
     run.info(f"{len(rows)} prompts × {cfg.k} samples: mean reward {mean.mean():.3f}; reward std ≤ "
              f"{cfg.small_std:g} on {(std <= cfg.small_std).mean():.0%}; SFT subset of {len(sft)} in sft_subset.jsonl")
 

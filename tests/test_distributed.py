@@ -174,11 +174,11 @@ def test_diagnose_on_two_processes_equals_one(kind: str, diagnose_inputs: Path, 
                 "--reward", "reward_for_test:letter_share", "-k", "4", "--max-new-tokens", "8", "batch_size=4",
                 "grad_prompts=6")
         table, exact, close = "prompts", ["rewards", "reward_mean", "reward_std"], ["grad_norm", "grad_reward_std"]
-    else:  # 3 chunks of 4 pairs
+    else:  # 3 chunks of 4 pairs; the reference log-probs in 2 chunks of 8
         args = ("diagnose", "pairs", "--model", folder / "model", "--pairs", folder / "pairs.jsonl",
-                "chunk_size=8")
-        table, exact, close = "pairs", ["len_chosen", "len_rejected", "regime"], ["norm_chosen", "norm_rejected",
-                                                                                 "inner", "cosine", "logp_chosen"]
+                "--ref", folder / "model", "chunk_size=8")
+        table, exact = "pairs", ["len_chosen", "len_rejected", "regime"]
+        close = ["norm_chosen", "norm_rejected", "inner", "cosine", "logp_chosen", "ref_logp_rejected"]
     one = _folder(_run(*args, out=tmp_path / "one", env=env))
     two = _folder(_run(*args, "--num-processes", "2", out=tmp_path / "two", env=env))
     a, b = results.read_table(one, table), results.read_table(two, table)

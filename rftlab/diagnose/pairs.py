@@ -377,9 +377,10 @@ def _gradient_stats(model, prompts, chosen, rejected, cfg: Config, method: str, 
 
 def _reference_logps(ref: str, tokenizer, prompts, chosen, rejected, cfg: Config, device: str):
     """Summed log π_ref(y|x) of the chosen and rejected responses, (B,) float64 tensors each, without gradient;
-    padded as pair_gradient_stats pads, in chunks of ``chunk_size`` sequences."""
+    padded as pair_gradient_stats pads, in chunks of ``chunk_size`` sequences (split between processes)."""
     import torch
 
+    from rftlab import distributed as dist
     from rftlab.diagnose.inputs import load_model
     from rftlab.diagnostics import _pad_batch
     from rftlab.models import is_seq2seq, unwrap
@@ -396,12 +397,12 @@ def _reference_logps(ref: str, tokenizer, prompts, chosen, rejected, cfg: Config
     with torch.no_grad():
         for responses in (chosen, rejected):
             parts = []
-            for start in range(0, len(prompts), cfg.chunk_size):
+            for start in dist.shard(range(0, len(prompts), cfg.chunk_size)):
                 part = slice(start, start + cfg.chunk_size)
                 batch = _pad_batch(prompts[part], responses[part], 0 if pad is None else int(pad), seq2seq,
                                    model_device)
                 parts.append(response_logprobs(model, *batch).sum(-1).double().cpu())
-            out.append(torch.cat(parts))
+            out.append(torch.cat(dist.gather(parts)))
     return out[0], out[1]
 
 

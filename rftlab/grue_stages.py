@@ -98,13 +98,9 @@ class TaskStages:
         cfg, examples = self.cfg, self.stats_examples
         prompts = [ex.prompt for ex in examples]
         size = cfg.stats.batch_size
-        chunks = [slice(s, min(s + size, len(prompts))) for s in range(0, len(prompts), size)]
-        sampled = dist.gather([train.per_input_rewards(
-            model, self.tokenizer, prompts[chunks[c]], self.scorer(examples[chunks[c]]), cfg.stats.k,
-            self.generation, temperature=cfg.stats.temperature, seed=dist.chunk_seed(cfg.seed, c), batch_size=size)
-            for c in dist.shard(range(len(chunks)))])
-        rewards = np.concatenate([r for r, _ in sampled])
-        texts = [t for _, chunk_texts in sampled for t in chunk_texts]
+        rewards, texts = train.per_input_rewards(model, self.tokenizer, prompts, self.scorer(examples),
+                                                 cfg.stats.k, self.generation, temperature=cfg.stats.temperature,
+                                                 seed=cfg.seed, batch_size=size)  # chunks split between processes
         table = pd.DataFrame({
             "task": self.name, "stage": stage, "input_id": np.arange(len(prompts)),
             "topic_frequency": [ex.meta.get("topic_frequency", "") for ex in examples],
@@ -115,7 +111,7 @@ class TaskStages:
         table["grad_norm"] = table["grad_reward_std"] = np.nan
         if stage == "pretrained" and cfg.tasks.n_grad > 0:
             n = min(cfg.tasks.n_grad, len(prompts))
-            first = [slice(c.start, min(c.stop, n)) for c in chunks if c.start < n]  # the chunks of the first n
+            first = [slice(s, min(s + size, n)) for s in range(0, n, size)]  # the chunks of the first n
             estimated = dist.gather([train.expected_gradient_norms(
                 model, self.tokenizer, prompts[first[c]], self.scorer(examples[first[c]]), cfg.stats.k,
                 self.generation, temperature=cfg.stats.temperature, seed=dist.chunk_seed(cfg.seed + 1, c))

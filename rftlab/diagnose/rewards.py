@@ -142,17 +142,11 @@ def run(cfg: Config, run) -> None:
                   "top_p": cfg.top_p,
                   "max_prompt_length": cfg.max_prompt_length or None}
     n_grad = min(cfg.grad_prompts, len(rows))
-    size = cfg.batch_size
     with run.progress(len(rows) + n_grad, "diagnose rewards") as bar:
-        # chunk c of the prompts sampled with seed chunk_seed(seed, c), by whichever process takes it: the same
-        # draws as per_input_rewards on all prompts in one process
-        sampled = dist.gather([train.per_input_rewards(
-            model, tokenizer, prompts[c * size:(c + 1) * size],
-            lambda idx, t, c=c: score([c * size + i for i in idx], t), cfg.k, generation,
-            temperature=cfg.temperature, seed=dist.chunk_seed(cfg.seed, c), batch_size=size, progress=bar.advance)
-            for c in dist.shard(range(-(-len(prompts) // size)))])
-        rewards = np.concatenate([r for r, _ in sampled]).reshape(len(prompts), cfg.k)
-        texts = [t for _, chunk in sampled for t in chunk]
+        # grue's own measurement: chunks of batch_size prompts, each with its seed, split between processes
+        rewards, texts = train.per_input_rewards(model, tokenizer, prompts, score, cfg.k, generation,
+                                                 temperature=cfg.temperature, seed=cfg.seed,
+                                                 batch_size=cfg.batch_size, progress=bar.advance)
         mean, std = rewards.mean(1), rewards.std(1)
         grad_norm, grad_std = np.full(len(rows), np.nan), np.full(len(rows), np.nan)
         chosen = grad_subset(std, n_grad) if n_grad else np.zeros(0, int)

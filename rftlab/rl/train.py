@@ -291,20 +291,24 @@ def per_input_rewards(model: nn.Module, tokenizer, prompts: Sequence[str], score
     """K sampled completions per prompt, scored: rewards (N, K) and the N·K texts (prompt-major).
 
     Prompts are sampled in chunks of ``batch_size``, chunk c with its own seed ``chunk_seed(seed, c)`` (chunk 0:
-    ``seed``), so a chunk's draws do not depend on which call or process samples it: sampling prompts
-    [c·b, (c+1)·b) alone with seed ``chunk_seed(seed, c)`` gives the same rewards (the data-parallel per-input
-    statistics rely on it). ``progress(n)`` is called as each chunk of n prompts is sampled."""
-    from rftlab.distributed import chunk_seed
+    ``seed``), so a chunk's draws do not depend on which process samples it: in a run of several processes
+    (:mod:`rftlab.distributed`) each process samples and scores its share of the chunks and every process gets
+    all rewards and texts back, equal to a one-process run's. ``score`` is called once per chunk, with the
+    chunk's prompt indices into ``prompts``. ``progress(n)`` is called as each chunk of n prompts is sampled."""
+    from rftlab import distributed as dist
 
-    texts: list[str] = []
-    for c, start in enumerate(range(0, len(prompts), batch_size)):
+    mine = []
+    for c in dist.shard(range(-(-len(prompts) // batch_size))):
+        start = c * batch_size
         rollout = sample(model, tokenizer, prompts[start:start + batch_size], k, temperature=temperature,
-                         seed=chunk_seed(seed, c), batch_size=batch_size, progress=progress, score_logprobs=False,
-                         **generation)  # only the texts are read
-        texts += rollout.texts(tokenizer)
-    index = np.repeat(np.arange(len(prompts)), k).tolist()  # prompt-major, as each rollout's prompt_index
-    rewards = np.asarray(score(index, texts), dtype=np.float64)
-    return rewards.reshape(len(prompts), k), texts
+                         seed=dist.chunk_seed(seed, c), batch_size=batch_size, progress=progress,
+                         score_logprobs=False, **generation)  # only the texts are read
+        texts = rollout.texts(tokenizer)
+        index = (start + rollout.prompt_index).tolist()  # prompt-major, k rows per prompt
+        mine.append((np.asarray(score(index, texts), dtype=np.float64), texts))
+    chunks = dist.gather(mine)
+    rewards = np.concatenate([r for r, _ in chunks]) if chunks else np.zeros(0)
+    return rewards.reshape(len(prompts), k), [t for _, texts in chunks for t in texts]
 
 
 def expected_gradient_norms(model: nn.Module, tokenizer, prompts: Sequence[str], score: Score, k: int,

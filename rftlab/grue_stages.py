@@ -92,7 +92,6 @@ class TaskStages:
         import numpy as np
         import pandas as pd
 
-        from rftlab import distributed as dist
         from rftlab.rl import train
 
         cfg, examples = self.cfg, self.stats_examples
@@ -111,12 +110,9 @@ class TaskStages:
         table["grad_norm"] = table["grad_reward_std"] = np.nan
         if stage == "pretrained" and cfg.tasks.n_grad > 0:
             n = min(cfg.tasks.n_grad, len(prompts))
-            first = [slice(s, min(s + size, n)) for s in range(0, n, size)]  # the chunks of the first n
-            estimated = dist.gather([train.expected_gradient_norms(
-                model, self.tokenizer, prompts[first[c]], self.scorer(examples[first[c]]), cfg.stats.k,
-                self.generation, temperature=cfg.stats.temperature, seed=dist.chunk_seed(cfg.seed + 1, c))
-                for c in dist.shard(range(len(first)))])
-            norms, used = np.concatenate([g for g, _ in estimated]), np.concatenate([u for _, u in estimated])
+            norms, used = train.expected_gradient_norms(
+                model, self.tokenizer, prompts[:n], self.scorer(examples), cfg.stats.k, self.generation,
+                temperature=cfg.stats.temperature, seed=cfg.seed + 1, batch_size=size)
             table.loc[: n - 1, "grad_norm"] = norms
             table.loc[: n - 1, "grad_reward_std"] = used.std(1)  # std of the very samples behind the estimate
         self.bar.advance()

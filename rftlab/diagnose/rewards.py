@@ -126,7 +126,6 @@ def run(cfg: Config, run) -> None:
     import numpy as np
     import pandas as pd
 
-    from rftlab import distributed as dist
     from rftlab import runtime
     from rftlab.diagnose.inputs import load_model, load_prompts, load_reward
     from rftlab.results import atomic_write_text
@@ -150,17 +149,11 @@ def run(cfg: Config, run) -> None:
         mean, std = rewards.mean(1), rewards.std(1)
         grad_norm, grad_std = np.full(len(rows), np.nan), np.full(len(rows), np.nan)
         chosen = grad_subset(std, n_grad) if n_grad else np.zeros(0, int)
-        parts = [chosen[start:start + 8] for start in range(0, len(chosen), 8)]  # one rollout of 8·K per call
-        estimated = []
-        for c in dist.shard(range(len(parts))):
-            part = parts[c]
-            norms, used = train.expected_gradient_norms(
-                model, tokenizer, [prompts[i] for i in part], lambda idx, t, part=part: score(part[idx].tolist(), t),
-                cfg.k, generation, temperature=cfg.temperature, seed=cfg.seed + 1 + 8 * c)
-            estimated.append((c, norms, used))
-            bar.advance(len(part))
-        for c, norms, used in dist.gather(estimated):
-            grad_norm[parts[c]], grad_std[parts[c]] = norms, used.std(1)
+        # chunks of 8 prompts (one rollout of 8·K each), seeded and split between processes
+        norms, used = train.expected_gradient_norms(
+            model, tokenizer, [prompts[i] for i in chosen], lambda idx, t: score(chosen[idx].tolist(), t), cfg.k,
+            generation, temperature=cfg.temperature, seed=cfg.seed + 1, batch_size=8, progress=bar.advance)
+        grad_norm[chosen], grad_std[chosen] = norms, used.std(1)
     budget = label_budget(cfg, len(rows))
     sft = recommend(mean, std, budget)
     rank = np.full(len(rows), -1)
@@ -281,9 +274,10 @@ def plot(runs: list[Path], out_dir: Path, fmt: str = "png") -> list[Path]:
                  ylabel=f"sampled ‖∇θ V(x)‖ (0 at {floor_grad:.0e})",
                  title=f"Gradient norm vs std ({len(measured)} prompts)")
         # stds often span about one decade, where matplotlib labels minor ticks in overlapping scientific
-        # notation: label 1, 2, 5 × 10^k in plain numbers instead
-        for axis in (grad.xaxis, grad.yaxis):
-            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        # notation: label in plain numbers, at 1, 2, 5 × 10^k over a short range and at 10^k over a long one
+        for axis, (low, high) in ((grad.xaxis, grad.get_xlim()), (grad.yaxis, grad.get_ylim())):
+            subs = (1.0, 2.0, 5.0) if np.log10(high / low) < 2 else (1.0,)
+            axis.set_major_locator(LogLocator(base=10, subs=subs))
             axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
             axis.set_minor_formatter(NullFormatter())
     fig.suptitle("Which prompts will RL finetuning move? (Razin et al. 2024: ‖∇V(x)‖ is bounded by the reward std)")

@@ -312,15 +312,40 @@ def per_input_rewards(model: nn.Module, tokenizer, prompts: Sequence[str], score
 
 
 def expected_gradient_norms(model: nn.Module, tokenizer, prompts: Sequence[str], score: Score, k: int,
-                            generation: dict, *, temperature: float = 1.0,
-                            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                            generation: dict, *, temperature: float = 1.0, seed: int = 0,
+                            batch_size: int | None = None, progress: Callable[[int], object] | None = None
+                            ) -> tuple[np.ndarray, np.ndarray]:
     """A sampled estimate of ‖∇θ V(x)‖ per prompt, V(x) = E_{y~π(·|x)}[r(x, y)].
 
     ĝ(x) = (1/K) Σ_k (r_k − r̄_{−k}) ∇θ log π(y_k|x) with the leave-one-out mean r̄_{−k}, an unbiased
     estimate of ∇V(x); its norm is biased upwards by sampling noise, and exactly 0 when all K rewards are
     equal (so small reward std shows up as a small estimate, as Theorem 1 bounds the true norm).
     One backward per prompt. Returns the (N,) norms and the (N, K) rewards of the samples they used.
+
+    Prompts go in chunks of ``batch_size`` (None: one chunk), seeded and split between processes as in
+    :func:`per_input_rewards`; ``progress(n)`` is called after each chunk of n prompts.
     """
+    from rftlab import distributed as dist
+
+    size = batch_size or max(len(prompts), 1)
+    mine = []
+    for c in dist.shard(range(-(-len(prompts) // size))):
+        start = c * size
+        norms, used = _gradient_norms_chunk(
+            model, tokenizer, prompts[start:start + size], lambda idx, t, start=start: score(
+                [start + i for i in idx], t), k, generation, temperature, dist.chunk_seed(seed, c))
+        mine.append((norms, used))
+        if progress is not None:
+            progress(len(norms))
+    chunks = dist.gather(mine)
+    if not chunks:
+        return np.zeros(0), np.zeros((0, k))
+    return np.concatenate([n for n, _ in chunks]), np.concatenate([u for _, u in chunks])
+
+
+def _gradient_norms_chunk(model: nn.Module, tokenizer, prompts: Sequence[str], score: Score, k: int,
+                          generation: dict, temperature: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`expected_gradient_norms` of one chunk of prompts, sampled with ``seed``."""
     rollout = sample(model, tokenizer, prompts, k, temperature=temperature, seed=seed, score_logprobs=False,
                      **generation)
     rewards = torch.tensor(score(rollout.prompt_index.tolist(), rollout.texts(tokenizer)), dtype=torch.float32)

@@ -23,11 +23,13 @@ g(r) = ⌊r/K⌋). One forward in which
 Per response, the cost falls from (|x| + |y|) tokens to |y| − 1 + |x|/|group|.
 
 :func:`sample_tokens` — ancestral sampling for B prompts × K samples: the prompts are encoded once (B rows, not
-B·K), their keys and values copied K times into a cache preallocated for the whole generation, (R, H, P + T, d_h)
-per layer, then one token per step for all R rows. Each step draws with ``torch.multinomial`` from
-softmax(logits/τ) over the same (R, V) rows as ``generate(do_sample=True, num_return_sequences=K)`` (EOS masked
-to −inf before ``min_new_tokens``; finished rows emit the pad id; stop when every row has emitted EOS), so
-under one seed the draws agree with ``generate`` wherever the logits agree to float rounding.
+B·K) and their keys and values kept once, (B, H, P, d_h) per layer, beside a cache preallocated for the generated
+tokens, (R, H, T, d_h); then one token per step for all R rows, each row's query attending to its prompt's keys
+(one product per prompt for its K rows, so the prompt cache is read once per step, not K times) and to its own.
+Each step draws with ``torch.multinomial`` from softmax(logits/τ) over the same (R, V) rows as
+``generate(do_sample=True, num_return_sequences=K)`` (EOS masked to −inf before ``min_new_tokens``; finished rows
+emit the pad id; stop when every row has emitted EOS), so under one seed the draws agree with ``generate``
+wherever the logits agree to float rounding.
 
 :func:`fused_model` decides when these apply: a plain GPT2LMHeadModel on the CPU, with no forward/backward hooks
 (diagnostics, peft and tests hook modules), dropout inactive, no gradient checkpointing, not compiled with
@@ -35,7 +37,8 @@ under one seed the draws agree with ``generate`` wherever the logits agree to fl
 forward, a DDP wrapper, CUDA (whose performance path is the model's own kernels) — goes through the model's own
 forward, unchanged.
 ``torch.autocast("cpu", dtype=torch.bfloat16)`` applies as it would to the forward (matmuls in bf16, norms and
-the log-softmax in float32), except that the training path keeps attention in float32 (see ``_attend``).
+the log-softmax in float32), except that attention stays in float32: in training (see ``_attend``) and in the
+decode steps of sampling (see ``_decode_attention``).
 """
 
 from __future__ import annotations
@@ -261,16 +264,19 @@ def _sample(lm: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     pm = prompt_mask.bool()
     causal = torch.ones(p, p, dtype=torch.bool).tril()
     prefill_mask = ((causal & pm[:, None, :]) | torch.eye(p, dtype=torch.bool))[:, None]
-    # one cache for the whole generation; the prompt's keys and values are written once, then K times over
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else t.wte.weight.dtype
-    cache = torch.empty(len(t.h), 2, r, n_head, p + max_new_tokens, d_h, dtype=dtype)
-    visible = torch.zeros(r, 1, 1, p + max_new_tokens, dtype=torch.bool)
-    visible[:, 0, 0, :p] = pm.repeat_interleave(k, 0)
+    # the caches of the whole generation: the prompts' keys and values once per prompt (B rows, read by the K
+    # samples of each), the generated tokens' per row (R rows); in the weights' dtype even under bf16 autocast,
+    # as decode attention runs in it (see _decode_attention)
+    dtype = t.wte.weight.dtype
+    prompt_kv = torch.empty(len(t.h), 2, b, n_head, p, d_h, dtype=dtype)
+    new_kv = torch.empty(len(t.h), 2, r, n_head, max_new_tokens, d_h, dtype=dtype)
+    prompt_bias = torch.zeros(b * n_head, 1, p, dtype=dtype)  # additive key mask: −inf at prompt padding
+    prompt_bias.masked_fill_(~pm.repeat_interleave(n_head, 0)[:, None], -float("inf"))
 
     def prefill(i: int, qkv: torch.Tensor, attn: nn.Module) -> torch.Tensor:
         q, key, value = _heads(qkv, b, p, n_head)
-        cache[i, 0, :, :, :p] = key.repeat_interleave(k, 0)
-        cache[i, 1, :, :, :p] = value.repeat_interleave(k, 0)
+        prompt_kv[i, 0] = key
+        prompt_kv[i, 1] = value
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=prefill_mask, scale=attn.scaling)
         return out.transpose(1, 2).reshape(b * p, d)
 
@@ -293,18 +299,46 @@ def _sample(lm: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
         step += 1
         if step == max_new_tokens or not unfinished.any():
             break
-        slot = p + step - 1
-        visible[:, 0, 0, slot] = True
 
-        def decode(i: int, qkv: torch.Tensor, attn: nn.Module, slot: int = slot) -> torch.Tensor:
+        def decode(i: int, qkv: torch.Tensor, attn: nn.Module, step: int = step) -> torch.Tensor:
             q, key, value = _heads(qkv, r, 1, n_head)
-            cache[i, 0, :, :, slot] = key[:, :, 0]
-            cache[i, 1, :, :, slot] = value[:, :, 0]
-            out = F.scaled_dot_product_attention(q, cache[i, 0, :, :, : slot + 1], cache[i, 1, :, :, : slot + 1],
-                                                 attn_mask=visible[..., : slot + 1], scale=attn.scaling)
-            return out.reshape(r, d)
+            new_kv[i, 0, :, :, step - 1] = key[:, :, 0]
+            new_kv[i, 1, :, :, step - 1] = value[:, :, 0]
+            with torch.autocast("cpu", enabled=False):
+                return _decode_attention(q.to(dtype) * attn.scaling, prompt_kv[i], prompt_bias,
+                                         new_kv[i, :, :, :, :step])
 
         h = _blocks(lm, token, position, decode)
         position = position + 1
         logits = F.linear(_ln(h, t.ln_f), lm.lm_head.weight).float()
     return out[:, :step]
+
+
+def _decode_attention(q: torch.Tensor, prompt_kv: torch.Tensor, prompt_bias: torch.Tensor,
+                      new_kv: torch.Tensor) -> torch.Tensor:
+    """One decode step's attention: each row's query over its prompt's keys, then over its own generated keys.
+
+    q: (R, H, 1, d_h) queries, already scaled; prompt_kv: (2, B, H, P, d_h) keys and values of the B prompts, row
+    r = b·K + j continuing prompt b; prompt_bias: (B·H, 1, P), −inf at prompt padding; new_kv: (2, R, H, t, d_h)
+    of the t tokens generated so far (all visible). Returns softmax([q k_promptᵀ + bias ; q k_newᵀ]) [v_prompt ;
+    v_new] as (R, H·d_h).
+
+    The prompt part is one (K × d_h)·(d_h × P) product per prompt and head, so a prompt's cache is read once for
+    its K rows rather than K times (a copy per row would also hold K times the memory); the softmax is taken over
+    both parts at once. At one query per row this is also faster than torch's CPU flash-attention kernel. Under
+    bf16 autocast it runs in the weights' float32 (the caller turns autocast off): its products are a small share
+    of a step's multiply-adds, and bf16 scores would be rounded to 3 significant digits before the softmax.
+    """
+    r, h, _, d_h = q.shape
+    b, p, t = prompt_kv.shape[1], prompt_kv.shape[3], new_kv.shape[3]
+    k = r // b
+    q = q.reshape(r, h, d_h)
+    q_grouped = q.view(b, k, h, d_h).transpose(1, 2).reshape(b * h, k, d_h)  # the K queries of each prompt
+    scores_prompt = torch.baddbmm(prompt_bias, q_grouped, prompt_kv[0].view(b * h, p, d_h).transpose(1, 2))
+    scores_new = torch.bmm(q.view(r * h, 1, d_h), new_kv[0].reshape(r * h, t, d_h).transpose(1, 2))
+    scores_prompt = scores_prompt.view(b, h, k, p).transpose(1, 2).reshape(r * h, p)
+    weights = torch.cat([scores_prompt, scores_new.view(r * h, t)], 1).softmax(-1)  # (R·H, P + t)
+    w_prompt = weights[:, :p].view(b, k, h, p).transpose(1, 2).reshape(b * h, k, p)
+    out_prompt = torch.bmm(w_prompt, prompt_kv[1].view(b * h, p, d_h)).view(b, h, k, d_h).transpose(1, 2)
+    out_new = torch.bmm(weights[:, None, p:], new_kv[1].reshape(r * h, t, d_h))
+    return out_prompt.reshape(r, h * d_h) + out_new.view(r, h * d_h)

@@ -202,6 +202,24 @@ class _MeanKL:
         return self.inner.update(dist.mean({"kl": kl})["kl"], n_steps)
 
 
+def check_inputs(cfg) -> None:
+    """An experiment's ``check``: before a run folder exists, the real data sets' folders (``tasks.source =
+    real``) and a local model folder (``model.name_or_path`` a path) exist; a one-line RftlabError if not."""
+    from pathlib import Path
+
+    from rftlab.data import grue_real
+    from rftlab.errors import RftlabError
+
+    for name in cfg.tasks.names if cfg.tasks.source == "real" else ():
+        folder = Path(cfg.tasks.data_dir).expanduser() / grue_real.REAL_TASKS[name].folder
+        if not folder.exists():
+            raise RftlabError(f"GRUE data set {name!r} not found at {folder}: on a machine with network run "
+                              f"{grue_real.download_hint(name, cfg.tasks.data_dir)} and copy the folder here.")
+    if cfg.model.name_or_path.startswith(("/", ".", "~")) and not Path(cfg.model.name_or_path).expanduser().is_dir():
+        raise RftlabError(f"model.name_or_path {cfg.model.name_or_path!r} is not a folder: save a model there with "
+                          "save_pretrained() or pass a Hugging Face hub name such as t5-base.")
+
+
 def load_task(cfg, name: str):
     n = cfg.tasks.n_train
     if cfg.tasks.source == "synthetic":

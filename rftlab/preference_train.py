@@ -27,6 +27,7 @@ from torch import nn
 from rftlab.preference import preference_loss
 from rftlab.rl import fast_gpt2
 from rftlab.rl.sampling import encode_pairs, response_logprobs
+from rftlab.rl.train import apply_update
 
 __all__ = ["PreferenceData", "encode_preferences", "evaluate", "pair_token_logps", "preference_step",
            "sft_chosen_step", "with_reference"]
@@ -145,24 +146,12 @@ def with_reference(reference: nn.Module, data: PreferenceData, batch_size: int =
     return replace(data, ref_chosen=ref_chosen, ref_rejected=ref_rejected)
 
 
-def _apply(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float) -> float:
-    """Backward, optional clipping, update; the pre-clip global gradient norm (no clipping when ≤ 0)."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if max_grad_norm > 0:  # no clipping: skip clip_grad_norm_'s multiply of every gradient by 1
-        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
-    optimizer.step()
-    return float(norm)
-
-
 def sft_chosen_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: PreferenceData,
                     max_grad_norm: float = 1.0) -> dict[str, float]:
     """One SFT step on the chosen responses: loss = −mean over chosen tokens of log π(y_w,t|x, y_w,<t)."""
     lw = response_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.chosen_ids, batch.chosen_mask)
     loss = -(lw.sum() / batch.chosen_mask.sum())
-    grad_norm = _apply(model, optimizer, loss, max_grad_norm)
+    grad_norm = apply_update(model, optimizer, loss, max_grad_norm)
     return {"loss/sft": loss.item(), "grad_norm": grad_norm}
 
 
@@ -177,7 +166,7 @@ def preference_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: P
     per_pair = preference_loss(loss, x_w, x_l, batch.ref_chosen, batch.ref_rejected, batch.len_chosen,
                                batch.len_rejected, **(hparams or {}))
     value = per_pair.mean()
-    grad_norm = _apply(model, optimizer, value, max_grad_norm)
+    grad_norm = apply_update(model, optimizer, value, max_grad_norm)
     beta = (hparams or {}).get("beta", 0.1)
     summary = _summary(batch, x_w.detach(), x_l.detach(), beta, loss=value.detach())
     return {"loss": summary.pop("loss"), "grad_norm": grad_norm, **summary}

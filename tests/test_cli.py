@@ -292,6 +292,13 @@ BAD_RUNS = {
         "error: theorem-bound trains in fp32 without torch.compile; --precision bf16 and --compile apply to: "),
     "compile where training is fp32 only": (["run", "controlled", "--compile"],
                                             "error: controlled trains in fp32 without torch.compile"),
+    "grue real data missing": (["run", "grue", "--preset", "smoke", "tasks.source=real", "tasks.data_dir=no/data"],
+                               "error: GRUE data set 'iwslt' not found at no/data/"),
+    "rft-mitigations real data missing": (
+        ["run", "rft-mitigations", "--preset", "smoke", "tasks.source=real", "tasks.data_dir=no/data"],
+        "error: GRUE data set"),
+    "grue model folder missing": (["run", "grue", "--preset", "smoke", "model.name_or_path=./no-model"],
+                                  "error: model.name_or_path './no-model' is not a folder"),
 }
 
 

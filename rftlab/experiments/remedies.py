@@ -19,7 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rftlab.grue_stages import SMALL_STD, PretrainConfig, TasksConfig, TaskStages, load_task, pretrained_model
+from rftlab.grue_stages import (
+    SMALL_STD,
+    PretrainConfig,
+    TasksConfig,
+    TaskStages,
+    check_inputs,
+    load_task,
+    pretrained_model,
+)
 from rftlab.lm_config import LMConfig
 from rftlab.registry import experiment
 from rftlab.rl.settings import RFTConfig, SamplingConfig, SFTConfig
@@ -65,19 +73,7 @@ class Config:
             raise ValueError(f"ent_coefs must be ≥ 0, got {list(self.ent_coefs)}")
 
 
-def check(cfg: Config) -> None:
-    """Before a run folder exists: the real data sets' folders (source = real) and a local model folder exist."""
-    from rftlab.data import grue_real
-    from rftlab.errors import RftlabError
-
-    for name in cfg.tasks.names if cfg.tasks.source == "real" else ():
-        folder = Path(cfg.tasks.data_dir).expanduser() / grue_real.REAL_TASKS[name].folder
-        if not folder.exists():
-            raise RftlabError(f"GRUE data set {name!r} not found at {folder}: on a machine with network run "
-                              f"{grue_real.download_hint(name, cfg.tasks.data_dir)} and copy the folder here.")
-    if cfg.model.name_or_path.startswith(("/", ".", "~")) and not Path(cfg.model.name_or_path).expanduser().is_dir():
-        raise RftlabError(f"model.name_or_path {cfg.model.name_or_path!r} is not a folder: save a model there with "
-                          "save_pretrained() or pass a Hugging Face hub name such as t5-base.")
+check = check_inputs  # real data sets and a local model folder, before a run folder exists
 
 
 def rft_settings(cfg: Config) -> list[tuple[str, str, float, RFTConfig]]:

@@ -38,8 +38,11 @@ def optimizer_for(model: nn.Module, lr: float, weight_decay: float = 0.0) -> tor
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def _step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_grad_norm: float) -> float:
-    """Backward, clip, update; returns the pre-clip global gradient norm."""
+def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                 max_grad_norm: float) -> float:
+    """Backward, clipping to ``max_grad_norm`` (none when ≤ 0), update; returns the pre-clip global gradient norm.
+
+    Every training step of the package (RFT, SFT, PPO, preference losses) ends here."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in model.parameters() if p.grad is not None]
@@ -75,7 +78,7 @@ def lm_pretrain(model: nn.Module, tokenizer, texts: Sequence[str], *, steps: int
         labels = ids.masked_fill(mask == 0, -100)
         dev = next(model.parameters()).device
         loss = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev)).loss
-        _step(model, optimizer, loss, 1.0)
+        apply_update(model, optimizer, loss, 1.0)
         history.append(loss.item())
         if progress is not None:
             progress.advance()
@@ -140,7 +143,7 @@ def sft_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer, prom
                                                 max_response_length=max_response_length)]
     logprobs = response_logprobs(model, *batch)
     loss = losses.sft_loss(logprobs, batch[3])
-    grad_norm = _step(model, optimizer, loss, 1.0)
+    grad_norm = apply_update(model, optimizer, loss, 1.0)
     return {"loss/sft": loss.item(), "grad_norm": grad_norm}
 
 
@@ -160,7 +163,7 @@ def reinforce_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer
                                  rollout.response_mask, cfg.temperature)
     seq_logprobs = rollout.by_prompt(sequence_logprob(logprobs, rollout.response_mask))
     loss = losses.reinforce_loss(seq_logprobs, advantages.to(seq_logprobs.device))
-    grad_norm = _step(model, optimizer, loss, cfg.max_grad_norm)
+    grad_norm = apply_update(model, optimizer, loss, cfg.max_grad_norm)
     return {**losses.group_reward_stats(rewards), "loss/policy": loss.item(), "grad_norm": grad_norm,
             "completions/mean_length": rollout.lengths.float().mean().item()}
 
@@ -230,7 +233,7 @@ def dynamic_sampling_step(model: nn.Module, optimizer: torch.optim.Optimizer, to
         seq_logprobs = sequence_logprob(logprobs, mask).view(-1, cfg.k)
         part = losses.reinforce_loss(seq_logprobs, advantages.to(seq_logprobs.device)) * (int(keep.sum()) / n_kept)
         loss = part if loss is None else loss + part
-    grad_norm = _step(model, optimizer, loss, cfg.max_grad_norm) if loss is not None else 0.0
+    grad_norm = apply_update(model, optimizer, loss, cfg.max_grad_norm) if loss is not None else 0.0
     rewards = torch.cat([r for _, r, _ in rounds])
     return {**losses.group_reward_stats(rewards), "loss/policy": loss.item() if loss is not None else 0.0,
             "grad_norm": grad_norm,
@@ -273,7 +276,7 @@ def ppo_step(policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Opt
             value_loss, v_stats = losses.ppo_value_loss(out.values, old.values[idx], returns[idx], mask[idx])
             entropy = losses.entropy_from_logits(out.logits, mask[idx])
             loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
-            grad_norm = _step(policy, optimizer, loss, cfg.max_grad_norm)
+            grad_norm = apply_update(policy, optimizer, loss, cfg.max_grad_norm)
             for key, value in {**p_stats, **v_stats, "entropy": entropy.item(), "grad_norm": grad_norm}.items():
                 stats.setdefault(key, []).append(value)
     kl = losses.masked_mean(old.logprobs - ref_logprobs, mask).item()

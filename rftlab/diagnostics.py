@@ -176,6 +176,9 @@ def pair_gradient_stats(model: nn.Module, prompts: TokenIds, chosen: TokenIds, r
 
     - nn.Linear weight (out, in) Σ_t δ_t x_tᵀ, transformers' Conv1D weight (in, out) Σ_t x_t δ_tᵀ, biases Σ_t δ_t;
     - nn.LayerNorm weight Σ_t x̂_t ∘ δ_t (x̂ the normalised input) and bias Σ_t δ_t;
+    - RMS norms (torch's nn.RMSNorm, transformers' ``*RMSNorm`` classes and T5LayerNorm: one weight, no bias)
+      weight Σ_t x̂_t ∘ δ_t with x̂ = x / √(mean(x²) + ε), for y = x̂ ∘ w and for Gemma's y = x̂ ∘ (1 + w); each
+      call's output is checked against one of the two forms (else the error below);
     - nn.Embedding weight (V, H) Σ_t e_{id_t} δ_tᵀ (token and position embeddings; the one-hot is never built);
     - peft LoRA adapters are nn.Linear modules (lora_A, lora_B) and follow the Linear rule.
 
@@ -367,6 +370,33 @@ def _gram_products(t1: _Term, t2: _Term, c: int, same_row: bool = True) -> tuple
     return out[0], out[1]
 
 
+def _rms_norm_kind(module: nn.Module, own: list) -> str | None:
+    """"rmsnorm" for a module that looks like an RMS norm (checked against its outputs in ``_rms_normalised``)."""
+    name = type(module).__name__
+    looks = isinstance(module, getattr(nn, "RMSNorm", ())) or name.endswith("RMSNorm") or name == "T5LayerNorm"
+    weight = getattr(module, "weight", None)
+    if looks and [pn for pn, _ in own] == ["weight"] and isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return "rmsnorm"
+    return None
+
+
+def _rms_normalised(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x̂ = x / √(mean(x²) + ε) in float32, (N, L, d), after checking that the call's output ``y`` is x̂ ∘ w or
+    x̂ ∘ (1 + w) (both have ∂y/∂w = x̂); anything else is an RftlabError naming method='exact'."""
+    eps = getattr(module, "variance_epsilon", None)
+    eps = getattr(module, "eps", None) if eps is None else eps
+    eps = torch.finfo(x.dtype).eps if eps is None else eps  # nn.RMSNorm's default
+    xf = x.float()
+    x_hat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    w, yf = module.weight.detach().float(), y.detach().float()
+    exact = x.dtype == torch.float32 and module.weight.dtype == torch.float32
+    tol = (1e-4 if exact else 2e-2) * float(yf.abs().max().clamp_min(1e-12))
+    if any(torch.allclose(x_hat * scale, yf, rtol=0, atol=tol) for scale in (w, 1 + w)):
+        return x_hat
+    raise RftlabError(f"method='fast' found that {type(module).__name__} is neither x/rms(x)·w nor x/rms(x)·(1 + w); "
+                      "use method='exact' (or 'func').")
+
+
 class _Recorder:
     """Forward hooks on the modules that own selected parameters; records inputs and outputs of each call."""
 
@@ -381,7 +411,7 @@ class _Recorder:
             own = [(pn, p) for pn, p in module.named_parameters(recurse=False) if id(p) in wanted]
             if not own:
                 continue
-            kind = kinds.get(type(module))
+            kind = kinds.get(type(module)) or _rms_norm_kind(module, own)
             if kind == "embedding" and (module.max_norm is not None or module.sparse):
                 kind = None
             if kind is None:
@@ -444,14 +474,14 @@ def _stats_fast(model: nn.Module, prompts: TokenIds, chosen: TokenIds, rejected:
         mask = None if bool(mask.all()) else mask.to(torch.float32)
         terms: dict[int, list[_Term]] = {}
         vectors: dict[int, torch.Tensor] = {}
-        for (module, kind, own, x, _), delta in zip(calls, deltas, strict=True):
+        for (module, kind, own, x, y), delta in zip(calls, deltas, strict=True):
             if delta is None:
                 continue
             # kept positions are the trailing ones (GPT-2's logits_to_keep); padding gets δ = 0
             delta = delta.to(torch.float32)
             if mask is not None:
                 delta = delta * mask[:, -delta.shape[1]:, None]
-            _add_call(module, kind, own, x, delta, terms, vectors)
+            _add_call(module, kind, own, x, y, delta, terms, vectors)
         acc = torch.zeros(3, c, dtype=torch.float64, device=device)
         for key in sorted(vectors.keys() | terms.keys(), key=order.__getitem__):
             if key in vectors:
@@ -464,7 +494,7 @@ def _stats_fast(model: nn.Module, prompts: TokenIds, chosen: TokenIds, rejected:
     return tuple(torch.cat(out, dim=1))
 
 
-def _add_call(module: nn.Module, kind: str, own: list, x: torch.Tensor, delta: torch.Tensor,
+def _add_call(module: nn.Module, kind: str, own: list, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
               terms: dict[int, list[_Term]], vectors: dict[int, torch.Tensor]) -> None:
     """Per-example gradient pieces of one module call: 2-D weights as _Term, vectors materialised (N, numel)."""
 
@@ -485,6 +515,9 @@ def _add_call(module: nn.Module, kind: str, own: list, x: torch.Tensor, delta: t
                 add_vector(p, (x_hat * delta).sum(1).flatten(1))
             else:
                 add_vector(p, delta.sum(1).flatten(1))
+            continue
+        elif kind == "rmsnorm":  # weight: Σ_t x̂_t ∘ δ_t
+            add_vector(p, (_rms_normalised(module, x, y) * delta).sum(1).flatten(1))
             continue
         elif pname == "bias":  # Linear / Conv1D bias: Σ_t δ_t
             add_vector(p, delta.sum(1))

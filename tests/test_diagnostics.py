@@ -241,14 +241,76 @@ def test_fast_lora_with_trainable_head(tok) -> None:
         assert_matches(pair_gradient_stats(model, prompts, chosen, rejected, params=params), exact)
 
 
+class Scale(torch.nn.Module):
+    """y = x ∘ w: a module with a parameter and no per-example rule."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+class OffsetRMSNorm(torch.nn.RMSNorm):
+    """Gemma's form y = x̂ ∘ (1 + w)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.rms_norm(x, self.normalized_shape, eps=self.eps) * (1 + self.weight)
+
+
+class MeanCentredRMSNorm(torch.nn.RMSNorm):
+    """Named like an RMS norm, computes something else: the fast rule must not apply."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x - x.mean(-1, keepdim=True))
+
+
 def test_fast_rejects_unsupported_modules(tok) -> None:
     model = tiny(tok, 1, seed=27)
-    model.transformer.ln_f = torch.nn.RMSNorm(32)  # no per-example rule for RMSNorm
+    model.transformer.ln_f = Scale(32)  # no per-example rule
     prompts, chosen, rejected = random_pairs(len(tok), 2, seed=28)
-    with pytest.raises(RftlabError, match="RMSNorm.*method='exact'"):
+    with pytest.raises(RftlabError, match="Scale.*method='exact'"):
         pair_gradient_stats(model, prompts, chosen, rejected)
     # not selected: nothing to hook there, so the fast method runs and agrees with the oracle
     spec = "embeddings"
     assert_matches(pair_gradient_stats(model, prompts, chosen, rejected, params=spec),
                    pair_gradient_stats(model, prompts, chosen, rejected, params=spec, method="exact"))
     assert model.training
+
+
+@pytest.mark.parametrize("norm", [torch.nn.RMSNorm, OffsetRMSNorm])
+def test_fast_matches_exact_with_rms_norms(tok, norm) -> None:
+    model = tiny(tok, 2, seed=31)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.ln_1 = norm(32, eps=1e-5)
+            block.ln_1.weight.uniform_(0.5, 1.5)  # a weight that differs from its initial value
+        model.transformer.ln_f = norm(32)  # eps None: torch's float32 epsilon
+    prompts, chosen, rejected = random_pairs(len(tok), 5, seed=32)
+    for params in ("all", lambda name: "ln_" in name):  # the norm weights alone: their rule is not drowned out
+        exact = pair_gradient_stats(model, prompts, chosen, rejected, params=params, method="exact")
+        assert_matches(pair_gradient_stats(model, prompts, chosen, rejected, params=params, chunk_size=4), exact)
+
+
+def test_fast_matches_exact_on_a_llama(tok) -> None:
+    """transformers' LlamaRMSNorm (variance_epsilon), rotary positions, an untied head: every parameter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(33)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                                         attn_implementation="eager"))
+    prompts, chosen, rejected = random_pairs(len(tok), 5, seed=34)
+    for params in ("all", lambda name: "norm" in name):
+        exact = pair_gradient_stats(model, prompts, chosen, rejected, params=params, method="exact")
+        assert_matches(pair_gradient_stats(model, prompts, chosen, rejected, params=params, chunk_size=4), exact)
+
+
+def test_fast_refuses_a_norm_that_only_looks_like_rms(tok) -> None:
+    model = tiny(tok, 1, seed=35)
+    model.transformer.ln_f = MeanCentredRMSNorm(32)
+    prompts, chosen, rejected = random_pairs(len(tok), 2, seed=36)
+    with pytest.raises(RftlabError, match="MeanCentredRMSNorm is neither .*method='exact'"):
+        pair_gradient_stats(model, prompts, chosen, rejected)

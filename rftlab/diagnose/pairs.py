@@ -342,7 +342,7 @@ def _gradient_stats(model, prompts, chosen, rejected, cfg: Config, method: str, 
     each), shortest pairs first so a chunk pads little, rows returned in input order. Returns (frame, method).
 
     ``method="auto"`` picks "fast" for causal models; where fast has no rule for a selected parameter's module
-    (e.g. an RMSNorm under params=all) it says so and runs "exact" instead."""
+    (a module type with no rule, under params=all) it says so and runs "exact" instead."""
     import numpy as np
     import pandas as pd
 

@@ -266,8 +266,8 @@ class PairGradientCallback(TrainerCallback):
             trainer's ``logging_steps``.
         params: the parameter subset θ of the gradients (``rftlab.diagnostics.select_parameters``): "all", "last",
             "embeddings", "lora" or a callable on parameter names. Default "lora" for a peft model, else "all".
-        method: ``pair_gradient_stats``'s method, "fast" (hook-based; GPT-2-style modules) or "exact" (autograd,
-            any causal model, e.g. with RMSNorm).
+        method: ``pair_gradient_stats``'s method, "fast" (hook-based; Linear, Conv1D, Embedding, LayerNorm and
+            RMS-norm modules: GPT-2, Llama-style and LoRA models) or "exact" (autograd, any causal model).
         loss, loss_hparams: the rftlab preference method whose thresholds classify the regimes; default
             :func:`dpo_loss_method` of the trainer's config (a fallback to DPO's is warned about once).
         chunk_size, rtol: passed to ``pair_gradient_stats``; rtol also sets the tie tolerance of the regimes.

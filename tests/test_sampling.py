@@ -165,6 +165,27 @@ def test_encode_pairs_layout(model, tok):
     assert (logprobs[response_mask == 0] == 0).all() and (logprobs[response_mask == 1] < 0).all()
 
 
+@pytest.mark.parametrize("seq2seq", [False, True])
+def test_a_prompt_rendered_with_bos_keeps_one_bos(seq2seq: bool):
+    """A tokenizer that adds BOS (as Llama's does) and a chat-template prompt that starts with BOS: one BOS, not
+    two; prompts without it still get the tokenizer's own."""
+    from tokenizers import processors
+
+    tok = train_bpe_tokenizer(TEXTS + ["<bos>"], vocab_size=300)
+    tok.add_special_tokens({"bos_token": "<bos>"})
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[
+        ("<bos>", bos)])
+    rendered, plain = "<bos><user> the cat <assistant>", "the cat"
+    assert tok(rendered)["input_ids"][:2] == [bos, bos]  # what a plain call gives
+    prompt_ids, prompt_mask, _, _ = encode_pairs(tok, [rendered, plain], ["sat", "sat"], seq2seq=seq2seq)
+    for ids, mask in zip(prompt_ids, prompt_mask, strict=True):
+        real = ids[mask.bool()].tolist()
+        assert real[0] == bos and real.count(bos) == 1
+    assert prompt_ids[1][prompt_mask[1].bool()].tolist() == tok(plain)["input_ids"]
+    assert prompt_mask[0, 0 if seq2seq else -1] == 1 and prompt_mask[1, -1 if seq2seq else 0] == 0  # padding side
+
+
 def test_too_long_for_the_position_table_is_a_user_error(tok):
     from rftlab.errors import RftlabError
 

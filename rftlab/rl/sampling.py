@@ -165,9 +165,20 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], res
 
 def _encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], seq2seq: bool,
                     max_length: int | None) -> dict[str, torch.Tensor]:
-    # causal models continue from the last prompt token, so pad on the left; encoders take either, right is T5's
-    return tokenizer(list(prompts), padding=True, return_tensors="pt", padding_side="right" if seq2seq else "left",
-                     truncation=max_length is not None, max_length=max_length)
+    """input_ids, attention_mask (B, P) of the prompts, with the tokenizer's special tokens, padded on the left
+    for causal models (they continue from the last prompt token) and on the right for encoders (T5's side).
+
+    A prompt rendered by a chat template usually starts with the BOS token already (Llama's
+    ``<|begin_of_text|>``), and a tokenizer that adds BOS would add a second one; it is kept once, as a
+    generation from that template would see it.
+    """
+    side = "right" if seq2seq else "left"
+    kwargs = {"truncation": max_length is not None, "max_length": max_length}
+    bos, bos_text = tokenizer.bos_token_id, tokenizer.bos_token
+    if bos is not None and bos_text and any(p.startswith(bos_text) for p in prompts):
+        rows = [ids[1:] if ids[:2] == [bos, bos] else ids for ids in tokenizer(list(prompts), **kwargs)["input_ids"]]
+        return tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt", padding_side=side)
+    return tokenizer(list(prompts), padding=True, return_tensors="pt", padding_side=side, **kwargs)
 
 
 @torch.no_grad()

@@ -20,15 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rftlab.grue_stages import (
-    SMALL_STD,
-    PretrainConfig,
-    TasksConfig,
-    TaskStages,
-    check_inputs,
-    load_task,
-    pretrained_model,
-)
+from rftlab.grue_stages import SMALL_STD, PretrainConfig, TasksConfig, TaskStages, load_task, pretrained_model
+from rftlab.grue_stages import check_inputs as check  # noqa: F401 (the registry calls it before a run folder exists)
 from rftlab.lm_config import LMConfig
 from rftlab.registry import experiment
 from rftlab.rl.settings import RFTConfig, SamplingConfig, SFTConfig
@@ -64,9 +57,6 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     seed: int = 0  # seeds pretraining, sampling and finetuning
     threads: int = 0  # torch intra-op threads (0 = torch's default)
-
-
-check = check_inputs  # real data sets and a local model folder, before a run folder exists
 
 
 def check_processes(cfg: Config, n: int) -> None:

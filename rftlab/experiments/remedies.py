@@ -19,15 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rftlab.grue_stages import (
-    SMALL_STD,
-    PretrainConfig,
-    TasksConfig,
-    TaskStages,
-    check_inputs,
-    load_task,
-    pretrained_model,
-)
+from rftlab.grue_stages import SMALL_STD, PretrainConfig, TasksConfig, TaskStages, load_task, pretrained_model
+from rftlab.grue_stages import check_inputs as check  # noqa: F401 (the registry calls it before a run folder exists)
 from rftlab.lm_config import LMConfig
 from rftlab.registry import experiment
 from rftlab.rl.settings import RFTConfig, SamplingConfig, SFTConfig
@@ -71,9 +64,6 @@ class Config:
                 raise ValueError(f"{name} must be > 0, got {list(values)}")
         if any(v < 0 for v in self.ent_coefs):
             raise ValueError(f"ent_coefs must be ≥ 0, got {list(self.ent_coefs)}")
-
-
-check = check_inputs  # real data sets and a local model folder, before a run folder exists
 
 
 def rft_settings(cfg: Config) -> list[tuple[str, str, float, RFTConfig]]:

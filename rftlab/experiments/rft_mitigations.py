@@ -33,15 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from rftlab.grue_stages import (
-    SMALL_STD,
-    PretrainConfig,
-    TasksConfig,
-    TaskStages,
-    check_inputs,
-    load_task,
-    pretrained_model,
-)
+from rftlab.grue_stages import SMALL_STD, PretrainConfig, TasksConfig, TaskStages, load_task, pretrained_model
+from rftlab.grue_stages import check_inputs as check  # noqa: F401 (the registry calls it before a run folder exists)
 from rftlab.lm_config import LMConfig
 from rftlab.registry import experiment
 from rftlab.rl.settings import RFTConfig, SamplingConfig, SFTConfig
@@ -105,9 +98,6 @@ class Config:
             raise ValueError("rft must be group-baseline REINFORCE (rft.algorithm=reinforce, baseline mean or rloo)")
         if not 0 < self.label_fraction <= 1 or not self.seeds:
             raise ValueError("label_fraction must be in (0, 1] and seeds non-empty")
-
-
-check = check_inputs  # real data sets and a local model folder, before a run folder exists
 
 
 def run(cfg: Config, run) -> None:

@@ -21,15 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rftlab.grue_stages import (
-    SMALL_STD,
-    PretrainConfig,
-    TasksConfig,
-    TaskStages,
-    check_inputs,
-    load_task,
-    pretrained_model,
-)
+from rftlab.grue_stages import SMALL_STD, PretrainConfig, TasksConfig, TaskStages, load_task, pretrained_model
+from rftlab.grue_stages import check_inputs as check  # noqa: F401 (the registry calls it before a run folder exists)
 from rftlab.lm_config import LMConfig
 from rftlab.registry import experiment
 from rftlab.rl.settings import RFTConfig, SamplingConfig, SFTConfig
@@ -72,9 +65,6 @@ class Config:
             if any(not 0 < v <= 1 for v in values) or 1.0 not in values:
                 raise ValueError(f"{name} must lie in (0, 1] and contain 1 (the full SFT→RFT reference), "
                                  f"got {list(values)}")
-
-
-check = check_inputs  # real data sets and a local model folder, before a run folder exists
 
 
 def grid(cfg: Config) -> list[tuple[float, float]]:

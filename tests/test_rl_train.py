@@ -241,3 +241,42 @@ def test_pretrained_cache_is_reused_and_a_run_that_finishes_second_takes_the_fir
     for p, q in zip(first.state_dict().values(), model.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)  # the rival's (copied) weights, not its own
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]  # its temporary folder is gone
+
+
+@pytest.mark.parametrize("older_torch", [False, True])
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.5, 100.0])
+def test_apply_update_returns_the_pre_clip_norm_and_steps_with_the_clipped_gradient(monkeypatch, older_torch,
+                                                                                    max_grad_norm) -> None:
+    """Oracle: with SGD at lr 1 the update is −g·min(1, c/‖g‖); torch < 2.6 (no get_total_norm) takes the same."""
+    if older_torch:
+        monkeypatch.delattr(torch.nn.utils, "get_total_norm")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    x = torch.randn(8, 3)
+    loss = (model(x) ** 2).mean()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    expected_norm = torch.sqrt(sum((g ** 2).sum() for g in grads)).item()
+    scale = min(1.0, max_grad_norm / expected_norm) if max_grad_norm > 0 else 1.0
+    before = [p.detach().clone() for p in model.parameters()]
+    norm = train.apply_update(model, torch.optim.SGD(model.parameters(), lr=1.0), (model(x) ** 2).mean(),
+                              max_grad_norm)
+    assert norm == pytest.approx(expected_norm, rel=1e-6)
+    assert (scale < 1.0) == (max_grad_norm == 0.5)  # the grid holds a clipped step and two unclipped ones
+    for p, p0, g in zip(model.parameters(), before, grads, strict=True):
+        torch.testing.assert_close(p.detach(), p0 - scale * g, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_for_falls_back_to_plain_adamw_where_torch_has_no_fused_cpu_kernel(monkeypatch) -> None:
+    real_adamw = torch.optim.AdamW
+
+    def adamw_without_fused_cpu(params, fused=None, **kwargs):  # torch < 2.4 refuses fused=True for CPU tensors
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real_adamw(params, fused=fused, **kwargs)
+
+    model = torch.nn.Linear(3, 2)
+    assert train.optimizer_for(model, 1e-3).defaults["fused"]
+    monkeypatch.setattr(torch.optim, "AdamW", adamw_without_fused_cpu)
+    optimizer = train.optimizer_for(model, 1e-3, weight_decay=0.1)
+    assert not optimizer.defaults["fused"] and optimizer.defaults["weight_decay"] == 0.1
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 2

@@ -35,7 +35,10 @@ def optimizer_for(model: nn.Module, lr: float, weight_decay: float = 0.0) -> tor
     the same update up to float rounding."""
     params = [p for p in model.parameters() if p.requires_grad]
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    except RuntimeError:  # torch < 2.4 has no fused AdamW kernel for CPU tensors
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
@@ -46,9 +49,12 @@ def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if max_grad_norm > 0:  # no clipping: skip clip_grad_norm_'s multiply of every gradient by 1
-        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch ≥ 2.6
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if max_grad_norm > 0:  # no clipping: skip clip_grad_norm_'s multiply of every gradient by 1
+            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
+    else:  # older torch: clip_grad_norm_ also returns the pre-clip norm; an infinite bound leaves gradients as they are
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     optimizer.step()
     return norm.item()
 

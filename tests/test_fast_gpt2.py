@@ -55,6 +55,25 @@ def test_grouped_logprobs_and_gradients_equal_the_models_forward(model, response
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("activation", ["gelu_new", "relu"])
+def test_checkpoint_activations_run_as_the_model_runs_them(tok, activation) -> None:
+    """GPT-2 checkpoints use gelu_new, which the fused path runs as torch's tanh-GELU kernel; others as given."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_layer=2, n_embd=32, n_head=2, n_positions=64,
+                                    activation_function=activation)).eval()
+    kernel = fast_gpt2._activation(lm.transformer.h[0].mlp.act) is fast_gpt2._tanh_gelu
+    assert kernel == (activation == "gelu_new")
+    prompt_ids, pm, response_ids, rm, group = batch([5, 3], [4, 6, 2, 5], k=2, seed=2)
+    ours = fast_gpt2.grouped_logprobs(lm, prompt_ids, pm, response_ids, rm, group)
+    theirs = response_forward(lm, prompt_ids[group], pm[group], response_ids, rm).logprobs
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    params = list(lm.parameters())
+    for a, b in zip(torch.autograd.grad(ours.sum(), params), torch.autograd.grad(theirs.sum(), params), strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
 def test_bf16_autocast_stays_close_and_response_logprobs_shares_prompts(model) -> None:
     prompt_ids, pm, response_ids, rm, group = batch([5, 3], [4, 6, 2, 5], k=2, seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):

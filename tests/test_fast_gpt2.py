@@ -106,12 +106,14 @@ def test_decode_attention_equals_sdpa_over_each_rows_full_cache() -> None:
     b, k, h, p, t, d_h = 3, 4, 2, 5, 3, 8
     prompt_mask = (torch.arange(p) >= p - torch.tensor([5, 2, 3])[:, None])  # left padding
     prompt_kv = torch.randn(2, b, h, p, d_h, generator=gen)
-    new_kv = torch.randn(2, b * k, h, t, d_h, generator=gen)
+    cache = torch.randn(2, t + 2, b * k, h, d_h, generator=gen)  # step-major, room for 2 more steps
+    new_kv = cache[:, :t]
     q = torch.randn(b * k, h, 1, d_h, generator=gen)
     bias = torch.zeros(b * h, 1, p).masked_fill(~prompt_mask.repeat_interleave(h, 0)[:, None], -float("inf"))
     ours = fast_gpt2._decode_attention(q * 0.3, prompt_kv, bias, new_kv)
-    keys = torch.cat([prompt_kv[0].repeat_interleave(k, 0), new_kv[0]], 2)  # (R, H, P + t, d_h), row r: prompt r // K
-    values = torch.cat([prompt_kv[1].repeat_interleave(k, 0), new_kv[1]], 2)
+    per_row = new_kv.permute(0, 2, 3, 1, 4)  # (2, R, H, t, d_h)
+    keys = torch.cat([prompt_kv[0].repeat_interleave(k, 0), per_row[0]], 2)  # (R, H, P + t, d_h), row r: prompt r // K
+    values = torch.cat([prompt_kv[1].repeat_interleave(k, 0), per_row[1]], 2)
     visible = torch.cat([prompt_mask.repeat_interleave(k, 0), torch.ones(b * k, t, dtype=torch.bool)], 1)
     expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None],
                                                                 scale=0.3)

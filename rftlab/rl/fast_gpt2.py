@@ -283,7 +283,8 @@ def _sample(lm: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     # as decode attention runs in it (see _decode_attention)
     dtype = t.wte.weight.dtype
     prompt_kv = torch.empty(len(t.h), 2, b, n_head, p, d_h, dtype=dtype)
-    new_kv = torch.empty(len(t.h), 2, r, n_head, max_new_tokens, d_h, dtype=dtype)
+    # step-major, so that each step's keys and values of all rows are one contiguous write
+    new_kv = torch.empty(len(t.h), 2, max_new_tokens, r, n_head, d_h, dtype=dtype)
     prompt_bias = torch.zeros(b * n_head, 1, p, dtype=dtype)  # additive key mask: −inf at prompt padding
     prompt_bias.masked_fill_(~pm.repeat_interleave(n_head, 0)[:, None], -float("inf"))
 
@@ -316,11 +317,11 @@ def _sample(lm: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
 
         def decode(i: int, qkv: torch.Tensor, attn: nn.Module, step: int = step) -> torch.Tensor:
             q, key, value = _heads(qkv, r, 1, n_head)
-            new_kv[i, 0, :, :, step - 1] = key[:, :, 0]
-            new_kv[i, 1, :, :, step - 1] = value[:, :, 0]
+            new_kv[i, 0, step - 1] = key[:, :, 0]
+            new_kv[i, 1, step - 1] = value[:, :, 0]
             with torch.autocast("cpu", enabled=False):
                 return _decode_attention(q.to(dtype) * attn.scaling, prompt_kv[i], prompt_bias,
-                                         new_kv[i, :, :, :, :step])
+                                         new_kv[i, :, :step])
 
         h = _blocks(lm, token, position, decode)
         position = position + 1
@@ -333,8 +334,8 @@ def _decode_attention(q: torch.Tensor, prompt_kv: torch.Tensor, prompt_bias: tor
     """One decode step's attention: each row's query over its prompt's keys, then over its own generated keys.
 
     q: (R, H, 1, d_h) queries, already scaled; prompt_kv: (2, B, H, P, d_h) keys and values of the B prompts, row
-    r = b·K + j continuing prompt b; prompt_bias: (B·H, 1, P), −inf at prompt padding; new_kv: (2, R, H, t, d_h)
-    of the t tokens generated so far (all visible). Returns softmax([q k_promptᵀ + bias ; q k_newᵀ]) [v_prompt ;
+    r = b·K + j continuing prompt b; prompt_bias: (B·H, 1, P), −inf at prompt padding; new_kv: (2, t, R, H, d_h)
+    of the t tokens generated so far (all visible), step-major. Returns softmax([q k_promptᵀ + bias ; q k_newᵀ]) [v_prompt ;
     v_new] as (R, H·d_h).
 
     The prompt part is one (K × d_h)·(d_h × P) product per prompt and head, so a prompt's cache is read once for
@@ -344,15 +345,16 @@ def _decode_attention(q: torch.Tensor, prompt_kv: torch.Tensor, prompt_bias: tor
     of a step's multiply-adds, and bf16 scores would be rounded to 3 significant digits before the softmax.
     """
     r, h, _, d_h = q.shape
-    b, p, t = prompt_kv.shape[1], prompt_kv.shape[3], new_kv.shape[3]
+    b, p, t = prompt_kv.shape[1], prompt_kv.shape[3], new_kv.shape[1]
     k = r // b
     q = q.reshape(r, h, d_h)
     q_grouped = q.view(b, k, h, d_h).transpose(1, 2).reshape(b * h, k, d_h)  # the K queries of each prompt
     scores_prompt = torch.baddbmm(prompt_bias, q_grouped, prompt_kv[0].view(b * h, p, d_h).transpose(1, 2))
-    scores_new = torch.bmm(q.view(r * h, 1, d_h), new_kv[0].reshape(r * h, t, d_h).transpose(1, 2))
+    keys_new, values_new = (x.view(t, r * h, d_h).transpose(0, 1) for x in new_kv)  # (R·H, t, d_h), strided views
+    scores_new = torch.bmm(q.view(r * h, 1, d_h), keys_new.transpose(1, 2))
     scores_prompt = scores_prompt.view(b, h, k, p).transpose(1, 2).reshape(r * h, p)
     weights = torch.cat([scores_prompt, scores_new.view(r * h, t)], 1).softmax(-1)  # (R·H, P + t)
     w_prompt = weights[:, :p].view(b, k, h, p).transpose(1, 2).reshape(b * h, k, p)
     out_prompt = torch.bmm(w_prompt, prompt_kv[1].view(b * h, p, d_h)).view(b, h, k, d_h).transpose(1, 2)
-    out_new = torch.bmm(weights[:, None, p:], new_kv[1].reshape(r * h, t, d_h))
+    out_new = torch.bmm(weights[:, None, p:], values_new)
     return out_prompt.reshape(r, h * d_h) + out_new.view(r, h * d_h)

@@ -24,7 +24,7 @@ Per response, the cost falls from (|x| + |y|) tokens to |y| − 1 + |x|/|group|.
 
 :func:`sample_tokens` — ancestral sampling for B prompts × K samples: the prompts are encoded once (B rows, not
 B·K) and their keys and values kept once, (B, H, P, d_h) per layer, beside a cache preallocated for the generated
-tokens, (R, H, T, d_h); then one token per step for all R rows, each row's query attending to its prompt's keys
+tokens, step-major (T, R, H, d_h) so that a step writes one contiguous block; then one token per step for all R rows, each row's query attending to its prompt's keys
 (one product per prompt for its K rows, so the prompt cache is read once per step, not K times) and to its own.
 Each step draws with ``torch.multinomial`` from softmax(logits/τ) over the same (R, V) rows as
 ``generate(do_sample=True, num_return_sequences=K)`` (EOS masked to −inf before ``min_new_tokens``; finished rows
@@ -335,8 +335,8 @@ def _decode_attention(q: torch.Tensor, prompt_kv: torch.Tensor, prompt_bias: tor
 
     q: (R, H, 1, d_h) queries, already scaled; prompt_kv: (2, B, H, P, d_h) keys and values of the B prompts, row
     r = b·K + j continuing prompt b; prompt_bias: (B·H, 1, P), −inf at prompt padding; new_kv: (2, t, R, H, d_h)
-    of the t tokens generated so far (all visible), step-major. Returns softmax([q k_promptᵀ + bias ; q k_newᵀ]) [v_prompt ;
-    v_new] as (R, H·d_h).
+    of the t tokens generated so far (all visible), step-major. Returns
+    softmax([q k_promptᵀ + bias ; q k_newᵀ]) [v_prompt ; v_new] as (R, H·d_h).
 
     The prompt part is one (K × d_h)·(d_h × P) product per prompt and head, so a prompt's cache is read once for
     its K rows rather than K times (a copy per row would also hold K times the memory); the softmax is taken over

@@ -24,8 +24,9 @@ Per response, the cost falls from (|x| + |y|) tokens to |y| − 1 + |x|/|group|.
 
 :func:`sample_tokens` — ancestral sampling for B prompts × K samples: the prompts are encoded once (B rows, not
 B·K) and their keys and values kept once, (B, H, P, d_h) per layer, beside a cache preallocated for the generated
-tokens, step-major (T, R, H, d_h) so that a step writes one contiguous block; then one token per step for all R rows, each row's query attending to its prompt's keys
-(one product per prompt for its K rows, so the prompt cache is read once per step, not K times) and to its own.
+tokens, step-major (T, R, H, d_h) so that a step writes one contiguous block; then one token per step for all R
+rows, each row's query attending to its prompt's keys (one product per prompt for its K rows, so the prompt cache
+is read once per step, not K times) and to its own.
 Each step draws with ``torch.multinomial`` from softmax(logits/τ) over the same (R, V) rows as
 ``generate(do_sample=True, num_return_sequences=K)`` (EOS masked to −inf before ``min_new_tokens``; finished rows
 emit the pad id; stop when every row has emitted EOS), so under one seed the draws agree with ``generate``

@@ -187,6 +187,7 @@ def run(
 
     spec = registry.get(name)
     _check_format(fmt)
+    runtime.check_torch_for_transformers()
     precision = _training_precision(spec, precision, compile_model, runtime.resolve_device(device))
     words = list(set_ or []) + list(overrides or [])
     if seed is not None:
@@ -257,6 +258,7 @@ def _diagnose(kind: str, options: dict[str, Any], overrides: list[str] | None, o
     from rftlab import config, diagnose, runtime
 
     _check_format(fmt)
+    runtime.check_torch_for_transformers()
     spec = diagnose.spec(kind)
     flags = {k: v for k, v in options.items() if v is not None}
     cfg = config.resolve(spec.config_cls, [("command-line flags", flags)], list(overrides or []))

@@ -87,6 +87,21 @@ def maybe_compile(module: Any, enabled: bool) -> Any:
     return module
 
 
+def check_torch_for_transformers() -> None:
+    """A one-line error when the installed transformers cannot use the installed torch.
+
+    transformers 5 needs torch ≥ 2.6; beside an older torch it imports but switches its PyTorch support off, and
+    the models then fail later with errors that do not name the cause."""
+    from transformers.utils import is_torch_available
+
+    if not is_torch_available():
+        import torch
+        import transformers
+
+        raise RftlabError(f"transformers {transformers.__version__} does not work with the installed torch "
+                          f"{torch.__version__}: pip install 'transformers<5', or a torch ≥ 2.6.")
+
+
 def set_threads(n: int) -> None:
     """Use ``n`` intra-op threads (0 = torch's default). Tiny models often run fastest on 1."""
     import torch

@@ -328,6 +328,22 @@ def test_bad_input_is_one_error_line_and_leaves_no_run_folder(
     assert not out.exists()  # rejected before any run folder was made
 
 
+@pytest.mark.parametrize("args", [["run", "theorem-bound", "--preset", "smoke"],
+                                  ["diagnose", "rewards", "--model", "m", "--prompts", "p.jsonl", "--reward", "bleu"]])
+def test_a_transformers_that_cannot_use_this_torch_is_one_error_line(args: list[str], tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """transformers 5 beside torch < 2.6 switches its PyTorch support off; say so before anything runs."""
+    import transformers.utils
+
+    monkeypatch.setattr(transformers.utils, "is_torch_available", lambda: False)
+    out = tmp_path / "results"
+    code, stdout, stderr = invoke(*args, "--out", out)
+    assert code == 2 and stdout == ""
+    assert stderr.splitlines() == [stderr.strip()] and stderr.startswith("error: transformers ")
+    assert "pip install 'transformers<5'" in stderr
+    assert not out.exists()
+
+
 def test_corrupt_parquet_for_plot(copy_of_smoke_run: Path, rftlab: Callable) -> None:
     (copy_of_smoke_run / "inputs.parquet").write_bytes(b"PAR1 this is not a parquet file PAR1")
     proc = rftlab("plot", copy_of_smoke_run)
